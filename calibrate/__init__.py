@@ -1,0 +1,69 @@
+"""calibrate: calibrate ODE models of biological systems to data, with JAX.
+
+Float64 is switched on at import: stiff kinetics and their sensitivities need it.
+"""
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+from ._data import (  # noqa: E402
+    DataError as DataError,
+    Dataset as Dataset,
+    Issue as Issue,
+    Measurements as Measurements,
+    dataset_for_model as dataset_for_model,
+    dataset_from_frame as dataset_from_frame,
+    load_measurements as load_measurements,
+    read_table as read_table,
+)
+from ._fit import (  # noqa: E402
+    AbstractStarts as AbstractStarts,
+    FitResult as FitResult,
+    LatinHypercubeStarts as LatinHypercubeStarts,
+    SobolStarts as SobolStarts,
+    fit as fit,
+)
+from ._inputs import (  # noqa: E402
+    AbstractInput as AbstractInput,
+    Constant as Constant,
+    Interpolated as Interpolated,
+    PiecewiseConstant as PiecewiseConstant,
+)
+from ._model import AbstractODEModel as AbstractODEModel, Observable as Observable  # noqa: E402
+from ._noise import (  # noqa: E402
+    AbstractNoiseModel as AbstractNoiseModel,
+    Gaussian as Gaussian,
+    LogNormal as LogNormal,
+    Proportional as Proportional,
+)
+from ._objective import Objective as Objective  # noqa: E402
+from ._parameters import (  # noqa: E402
+    Parameter as Parameter,
+    ParameterError as ParameterError,
+    ParameterSpace as ParameterSpace,
+)
+from ._results import (  # noqa: E402
+    RESULTS as RESULTS,
+    result_message as result_message,
+    result_name as result_name,
+)
+from ._sensitivity import (  # noqa: E402
+    AbstractSensitivity as AbstractSensitivity,
+    ContinuousAdjoint as ContinuousAdjoint,
+    DirectDifferentiation as DirectDifferentiation,
+    DiscreteAdjoint as DiscreteAdjoint,
+    ForwardMode as ForwardMode,
+)
+from ._simulate import Integrator as Integrator, Trajectory as Trajectory, simulate as simulate  # noqa: E402
+from ._synthetic import synthetic_dataset as synthetic_dataset  # noqa: E402
+from ._zoo import (  # noqa: E402
+    zoo_catalogue as zoo_catalogue,
+    zoo_model as zoo_model,
+    zoo_module as zoo_module,
+    zoo_names as zoo_names,
+)
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,383 @@
+"""Measurements in long format, validated, and laid out as padded arrays for `vmap`.
+
+A measurement table has one row per measurement with columns
+
+| column | meaning |
+|---|---|
+| `individual` | id of the individual / cell / patient / experiment |
+| `time` | observation time (>= the model's t0) |
+| `observable` | name of a model observable |
+| `value` | measured value |
+| `sigma` | optional: known standard deviation of this measurement (empty: use the noise model) |
+
+Rows are numbered as a spreadsheet shows them: the header is row 1, so the first
+measurement is row 2. Replicates (same individual, time and observable, different
+values) are kept; identical rows are rejected as duplicates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jaxtyping import Array, Bool, Float
+
+from ._inputs import AbstractInput
+
+
+REQUIRED_COLUMNS = ("individual", "time", "observable", "value")
+OPTIONAL_COLUMNS = ("sigma",)
+_MAX_LISTED_ISSUES = 25
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem in an input, located by file, row (spreadsheet numbering) and column."""
+
+    file: str
+    message: str
+    row: int | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f", row {self.row}"
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        return f"{where}: {self.message}"
+
+
+class DataError(ValueError):
+    """Invalid input data; `issues` lists every problem found, each with its location."""
+
+    def __init__(self, issues: Sequence[Issue]):
+        self.issues = list(issues)
+        shown = [str(i) for i in self.issues[:_MAX_LISTED_ISSUES]]
+        more = len(self.issues) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more" if more > 0 else "")
+        super().__init__(text)
+
+
+class Measurements(eqx.Module):
+    """Padded measurements of one individual (or, with a leading axis, of many).
+
+    `values[t, k]` is observable k at `times[t]`; `mask` marks real measurements;
+    `sigma` is NaN where the noise model decides. Padding repeats the last time.
+    """
+
+    times: Float[Array, "*batch T"]
+    values: Float[Array, "*batch T n_observables"]
+    sigma: Float[Array, "*batch T n_observables"]
+    mask: Bool[Array, "*batch T n_observables"]
+
+
+class Dataset(eqx.Module):
+    """Measurements of N individuals, batched for `vmap` over the leading axis."""
+
+    individuals: tuple[str, ...] = eqx.field(static=True)
+    observables: tuple[str, ...] = eqx.field(static=True)
+    measurements: Measurements
+    inputs: dict[str, AbstractInput] | None = None
+    source: str = eqx.field(static=True, default="<memory>")
+
+    def __len__(self) -> int:
+        return len(self.individuals)
+
+    def index(self, individual: str) -> int:
+        try:
+            return self.individuals.index(individual)
+        except ValueError:
+            raise KeyError(
+                f"{self.source}: no individual {individual!r}; known: "
+                f"{', '.join(self.individuals[:10])}{' ...' if len(self) > 10 else ''}"
+            ) from None
+
+    def select(self, individuals: Sequence[str] | Sequence[int]) -> Dataset:
+        idx = np.array(
+            [self.index(i) if isinstance(i, str) else int(i) for i in individuals], int
+        )
+        take = lambda x: x[idx]
+        return Dataset(
+            individuals=tuple(self.individuals[i] for i in idx),
+            observables=self.observables,
+            measurements=_tree_map(take, self.measurements),
+            inputs=None if self.inputs is None else _tree_map(take, self.inputs),
+            source=self.source,
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """Back to the long format (real measurements only)."""
+        m = self.measurements
+        mask = np.asarray(m.mask)
+        i, t, k = np.nonzero(mask)
+        frame = pd.DataFrame(
+            {
+                "individual": np.asarray(self.individuals, dtype=object)[i],
+                "time": np.asarray(m.times)[i, t],
+                "observable": np.asarray(self.observables, dtype=object)[k],
+                "value": np.asarray(m.values)[i, t, k],
+                "sigma": np.asarray(m.sigma)[i, t, k],
+            }
+        )
+        if frame["sigma"].isna().all():
+            frame = frame.drop(columns="sigma")
+        return frame
+
+
+def _tree_map(fn, tree):
+    import jax
+
+    return jax.tree.map(fn, tree)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read CSV, TSV or Parquet (by suffix) with every column as text, so validation
+    sees exactly what the file holds."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError([Issue(str(path), "file not found")])
+    if path.stat().st_size == 0:
+        raise DataError([Issue(str(path), "file is empty")])
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path).astype(str)
+        else:
+            sep = "\t" if suffix in (".tsv", ".tab") else ","
+            frame = pd.read_csv(
+                path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True
+            )
+    except Exception as error:  # pandas raises many types for malformed files
+        raise DataError([Issue(str(path), f"cannot be read as a table: {error}")]) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _parse_numbers(texts: pd.Series) -> np.ndarray:
+    return pd.to_numeric(texts.astype(str).str.strip(), errors="coerce").to_numpy(float)
+
+
+def dataset_from_frame(
+    frame: pd.DataFrame,
+    *,
+    observables: Sequence[str] | None = None,
+    source: str = "<table>",
+    t0: float = 0.0,
+    positive_observables: Sequence[str] = (),
+) -> Dataset:
+    """Validate a long-format table and lay it out as a `Dataset`.
+
+    **Arguments:**
+
+    - `observables`: the model's observables; rows naming others are errors. Their
+      order fixes the layout. `None`: take the names found, sorted.
+    - `source`: file name used in error messages.
+    - `t0`: earliest allowed time.
+    - `positive_observables`: observables whose values must be > 0 (log-normal noise).
+
+    **Raises:** `DataError` listing every problem with file, row and column.
+    """
+    issues: list[Issue] = []
+    frame = frame.copy()
+    frame.columns = [str(c).strip() for c in frame.columns]
+    columns = list(frame.columns)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    for c in missing:
+        close = difflib.get_close_matches(c, columns, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        issues.append(
+            Issue(source, f"missing required column '{c}' (found: {', '.join(columns)}){hint}",
+                  column=c)
+        )
+    unknown_columns = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    for c in unknown_columns:
+        close = difflib.get_close_matches(c, REQUIRED_COLUMNS + OPTIONAL_COLUMNS, n=1)
+        if close and close[0] not in columns:
+            issues.append(Issue(source, f"unknown column; did you mean '{close[0]}'?",
+                                column=c))
+    if missing:
+        raise DataError(issues)
+    if len(frame) == 0:
+        raise DataError([Issue(source, "table has a header but no measurements")])
+
+    rows = np.arange(len(frame)) + 2
+    text = {c: frame[c].astype(str).str.strip() for c in columns}
+
+    for c in ("individual", "observable"):
+        for r in rows[(text[c] == "").to_numpy() | (text[c].str.lower() == "nan").to_numpy()]:
+            issues.append(Issue(source, "empty; a name is needed", row=int(r), column=c))
+
+    numbers = {}
+    for c in ("time", "value"):
+        values = _parse_numbers(text[c])
+        numbers[c] = values
+        for r, raw, v in zip(rows, text[c], values):
+            if raw == "" or raw.lower() == "nan":
+                issues.append(Issue(source, "empty or NaN; a number is needed", int(r), c))
+            elif math.isnan(v):
+                issues.append(Issue(source, f"'{raw}' is not a number", int(r), c))
+            elif math.isinf(v):
+                issues.append(Issue(source, f"'{raw}' is not finite", int(r), c))
+    for r, v in zip(rows, numbers["time"]):
+        if np.isfinite(v) and v < t0:
+            message = "negative time" if t0 == 0 else f"time before the model's t0={t0}"
+            issues.append(Issue(source, f"{message} ({v:g})", int(r), "time"))
+
+    if "sigma" in columns:
+        sigma = _parse_numbers(text["sigma"])
+        for r, raw, s in zip(rows, text["sigma"], sigma):
+            if raw == "" or raw.lower() == "nan":
+                sigma_given = False
+            else:
+                sigma_given = True
+            if not sigma_given:
+                continue
+            if math.isnan(s):
+                issues.append(Issue(source, f"'{raw}' is not a number", int(r), "sigma"))
+            elif not math.isfinite(s) or s <= 0:
+                issues.append(
+                    Issue(source, f"sigma must be positive and finite, got {raw}", int(r),
+                          "sigma")
+                )
+        sigma = np.where(
+            text["sigma"].isin(["", "nan", "NaN", "NAN"]).to_numpy(), np.nan, sigma
+        )
+    else:
+        sigma = np.full(len(frame), np.nan)
+
+    names_found = sorted(set(text["observable"]) - {""})
+    if observables is None:
+        observables = names_found
+    observables = tuple(observables)
+    for r, name in zip(rows, text["observable"]):
+        if name and name not in observables:
+            close = difflib.get_close_matches(name, observables, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            issues.append(
+                Issue(source, f"unknown observable '{name}' (model has: "
+                      f"{', '.join(observables)}){hint}", int(r), "observable")
+            )
+    for r, name, v in zip(rows, text["observable"], numbers["value"]):
+        if name in positive_observables and np.isfinite(v) and v <= 0:
+            issues.append(
+                Issue(source, f"value {v:g} must be positive: '{name}' has log-normal noise",
+                      int(r), "value")
+            )
+
+    key = pd.DataFrame(
+        {
+            "individual": text["individual"],
+            "time": numbers["time"],
+            "observable": text["observable"],
+            "value": numbers["value"],
+        }
+    )
+    duplicated = key.duplicated(keep="first").to_numpy()
+    if duplicated.any():
+        first_row = {}
+        for r, row_key in zip(rows, map(tuple, key.itertuples(index=False))):
+            first_row.setdefault(row_key, int(r))
+        for r, row_key, dup in zip(rows, map(tuple, key.itertuples(index=False)), duplicated):
+            if dup:
+                issues.append(
+                    Issue(source, f"duplicate of row {first_row[row_key]} (same individual, "
+                          "time, observable and value)", int(r))
+                )
+
+    if issues:
+        issues.sort(key=lambda i: (i.row or 0, i.column or ""))
+        raise DataError(issues)
+
+    return _layout(key.assign(sigma=sigma), observables, source)
+
+
+def _layout(frame: pd.DataFrame, observables: tuple[str, ...], source: str) -> Dataset:
+    individuals = tuple(dict.fromkeys(frame["individual"]))  # order of first appearance
+    obs_index = {name: k for k, name in enumerate(observables)}
+    frame = frame.assign(
+        _k=frame["observable"].map(obs_index),
+        _replicate=frame.groupby(["individual", "time", "observable"]).cumcount(),
+    )
+    # One time slot per (time, replicate) pair, so replicates need no special casing.
+    slots = {
+        ind: sorted(set(zip(group["time"], group["_replicate"])))
+        for ind, group in frame.groupby("individual", sort=False)
+    }
+    n_slots = max(len(s) for s in slots.values())
+    n, o = len(individuals), len(observables)
+    times = np.zeros((n, n_slots))
+    values = np.zeros((n, n_slots, o))
+    sigma = np.full((n, n_slots, o), np.nan)
+    mask = np.zeros((n, n_slots, o), bool)
+    for i, ind in enumerate(individuals):
+        slot_times = [t for t, _ in slots[ind]]
+        times[i, : len(slot_times)] = slot_times
+        times[i, len(slot_times):] = slot_times[-1]
+        slot_of = {s: j for j, s in enumerate(slots[ind])}
+        group = frame[frame["individual"] == ind]
+        js = [slot_of[(t, r)] for t, r in zip(group["time"], group["_replicate"])]
+        ks = group["_k"].to_numpy()
+        values[i, js, ks] = group["value"].to_numpy()
+        sigma[i, js, ks] = group["sigma"].to_numpy()
+        mask[i, js, ks] = True
+    return Dataset(
+        individuals=individuals,
+        observables=observables,
+        measurements=Measurements(
+            times=jnp.asarray(times),
+            values=jnp.asarray(values),
+            sigma=jnp.asarray(sigma),
+            mask=jnp.asarray(mask),
+        ),
+        source=source,
+    )
+
+
+def load_measurements(
+    path: str | os.PathLike,
+    *,
+    observables: Sequence[str] | None = None,
+    t0: float = 0.0,
+    positive_observables: Sequence[str] = (),
+) -> Dataset:
+    """Load a long-format measurement table (CSV, TSV or Parquet) into a `Dataset`.
+
+    **Raises:** `DataError` naming file, row and column of every problem.
+    """
+    frame = read_table(path)
+    return dataset_from_frame(
+        frame,
+        observables=observables,
+        source=str(path),
+        t0=t0,
+        positive_observables=positive_observables,
+    )
+
+
+def dataset_for_model(model, frame_or_path, **kwargs) -> Dataset:
+    """Load or validate measurements against a model's observables and noise models."""
+    from ._noise import LogNormal
+
+    positive = [o.name for o in model.observables if isinstance(o.noise, LogNormal)]
+    options = dict(observables=model.observable_names, t0=model.t0,
+                   positive_observables=positive)
+    options.update(kwargs)
+    if isinstance(frame_or_path, pd.DataFrame):
+        return dataset_from_frame(frame_or_path, **options)
+    return load_measurements(frame_or_path, **options)
+
+
+def stack_inputs(inputs: Sequence[Mapping[str, AbstractInput]]) -> dict[str, AbstractInput]:
+    """Stack per-individual inputs (same structure and shapes) along a leading axis."""
+    import jax
+
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(i) for i in inputs])

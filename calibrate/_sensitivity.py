@@ -1,0 +1,128 @@
+r"""Sensitivity methods: how derivatives of a loss are taken through the ODE solve.
+
+| strategy | diffrax adjoint | derivative modes | cost of $\nabla L$ |
+|---|---|---|---|
+| `ForwardMode` | `ForwardMode` | forward (and forward-over-forward) | ~ one solve carrying $n_p$ tangents |
+| `DiscreteAdjoint` | `RecursiveCheckpointAdjoint` | reverse (first order only) | ~ 3 solves, memory $O(\log n_{steps})$ |
+| `ContinuousAdjoint` | `BacksolveAdjoint` | reverse (first order only) | one forward + one backward adjoint ODE |
+| `DirectDifferentiation` | `DirectAdjoint` | all orders, forward and reverse | slowest; needed for exact second order |
+
+Discrete methods differentiate the solver's own arithmetic (exact gradient of the
+computed loss). The continuous adjoint solves the adjoint ODE
+$\dot\lambda = -(\partial f/\partial x)^\top \lambda$ backwards and is exact only up
+to the solver tolerance.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Literal
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+class AbstractSensitivity(eqx.Module):
+    """How gradients are computed through `diffrax.diffeqsolve`."""
+
+    @abc.abstractmethod
+    def adjoint(self) -> dfx.AbstractAdjoint:
+        """The diffrax adjoint the ODE solve is run with."""
+
+    @property
+    @abc.abstractmethod
+    def mode(self) -> Literal["forward", "reverse"]:
+        """The derivative mode this strategy supports through the solve."""
+
+    def value_and_grad(self, fn, x, *args):
+        """`(fn(x, *args), ∇_x fn(x, *args))` for scalar `fn`, in this strategy's mode."""
+        if self.mode == "forward":
+            grad, value = jax.jacfwd(lambda y: (fn(y, *args),) * 2, has_aux=True)(x)
+            return value, grad
+        return jax.value_and_grad(fn)(x, *args)
+
+    def jacobian(self, fn, x, *args):
+        """Jacobian of a vector-valued `fn` in this strategy's mode."""
+        if self.mode == "forward":
+            return jax.jacfwd(fn)(x, *args)
+        return jax.jacrev(fn)(x, *args)
+
+    def reverse_differentiable(self, fn):
+        """Wrap scalar `fn(x, *args)` so `jax.grad` works even in forward mode.
+
+        Reverse-mode optimisers (BFGS) call `jax.grad`; under forward sensitivities the
+        gradient is computed by `jax.jacfwd` inside a custom VJP instead.
+        """
+        if self.mode == "reverse":
+            return fn
+
+        @jax.custom_vjp
+        def wrapped(x, *args):
+            return fn(x, *args)
+
+        def forward(x, *args):
+            value, grad = self.value_and_grad(fn, x, *args)
+            return value, (grad, args)
+
+        def backward(residuals, cotangent):
+            grad, args = residuals
+            zero_args = jax.tree.map(jnp.zeros_like, args)
+            return (cotangent * grad, *zero_args)
+
+        wrapped.defvjp(forward, backward)
+        return wrapped
+
+
+class ForwardMode(AbstractSensitivity):
+    """Forward sensitivities through the solver steps (best for few parameters, and
+    the only fast route to Jacobians of residuals for Gauss–Newton/LM)."""
+
+    def adjoint(self):
+        return dfx.ForwardMode()
+
+    @property
+    def mode(self):
+        return "forward"
+
+
+class DiscreteAdjoint(AbstractSensitivity):
+    """Reverse mode through the solver steps with recursive checkpointing
+    (`checkpoints=None`: diffrax's choice)."""
+
+    checkpoints: int | None = eqx.field(static=True, default=None)
+
+    def adjoint(self):
+        return dfx.RecursiveCheckpointAdjoint(checkpoints=self.checkpoints)
+
+    @property
+    def mode(self):
+        return "reverse"
+
+
+class ContinuousAdjoint(AbstractSensitivity):
+    """Backsolve adjoint: integrate the adjoint ODE backwards in time (memory O(1)).
+
+    Exact only to the solver tolerance, and the backward solve of a stiff model needs
+    the same stiff solver and enough `max_steps`.
+    """
+
+    def adjoint(self):
+        return dfx.BacksolveAdjoint()
+
+    @property
+    def mode(self):
+        return "reverse"
+
+
+class DirectDifferentiation(AbstractSensitivity):
+    """Differentiate the unrolled solver loop; supports every order and mode (needed
+    for exact Hessian–vector products through the solve), at higher cost."""
+
+    def adjoint(self):
+        return dfx.DirectAdjoint()
+
+    @property
+    def mode(self):
+        return "reverse"
