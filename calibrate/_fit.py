@@ -240,7 +240,7 @@ def fit(
     **Arguments:**
 
     - `model`, `data`: the model and a `Dataset` of one or more individuals.
-    - `estimate`: names of the parameters to fit (default: all of the model's).
+    - `estimate`: names of the parameters to fit (default: those marked `estimate`).
     - `fixed`: values for parameters that are not estimated (default: defaults).
     - `start`: start point (natural scale) of the first start; default: defaults.
     - `starts`: `SobolStarts(n)` / `LatinHypercubeStarts(n)` adds n start points.

@@ -41,7 +41,7 @@ class Objective(eqx.Module):
     **Arguments:**
 
     - `model`: the ODE model.
-    - `space`: which parameters are estimated (`ParameterSpace.estimated`).
+    - `estimate`: names of the estimated parameters (default: those marked `estimate`).
     - `fixed`: values of the parameters that are not estimated (default: defaults).
     - `integrator`, `sensitivity`: how to solve and differentiate.
     """
@@ -62,8 +62,10 @@ class Objective(eqx.Module):
         sensitivity: AbstractSensitivity = ForwardMode(),
     ):
         self.model = model
-        self.space = model.parameter_space.with_estimated(
-            model.parameter_space.names if estimate is None else estimate
+        self.space = (
+            model.parameter_space
+            if estimate is None
+            else model.parameter_space.with_estimated(estimate)
         )
         complete = model.parameter_space.complete(fixed)
         self.fixed = {n: v for n, v in complete.items() if n not in self.space.estimated}

@@ -41,6 +41,7 @@ class Parameter(eqx.Module):
     - `default`: nominal value on the natural scale (used when not estimated).
     - `lower`, `upper`: bounds on the natural scale (may be infinite for `scale="lin"`).
     - `scale`: `"lin"`, `"log"` or `"log10"`; the scale optimisers and priors work on.
+    - `estimate`: whether fits estimate it by default (else it stays at `default`).
     - `description`, `unit`: free text shown in tables and reports.
     """
 
@@ -49,6 +50,7 @@ class Parameter(eqx.Module):
     lower: float = eqx.field(static=True, default=-math.inf)
     upper: float = eqx.field(static=True, default=math.inf)
     scale: Scale = eqx.field(static=True, default="lin")
+    estimate: bool = eqx.field(static=True, default=True)
     description: str = eqx.field(static=True, default="")
     unit: str = eqx.field(static=True, default="")
 
@@ -152,7 +154,7 @@ class ParameterSpace(eqx.Module):
         if duplicates:
             raise ParameterError(f"duplicate parameter names: {', '.join(duplicates)}")
         if estimated is None:
-            estimated = names
+            estimated = [p.name for p in self.parameters if p.estimate]
         unknown = [n for n in estimated if n not in names]
         if unknown:
             raise ParameterError(
