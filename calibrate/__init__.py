@@ -1,9 +1,27 @@
 """calibrate: calibrate ODE models of biological systems to data, with JAX.
 
 Float64 is switched on at import: stiff kinetics and their sensitivities need it.
+
+Runtime checks inside equinox/lineax/optimistix return NaN instead of raising
+(`EQX_ON_ERROR=nan`) unless the user set `EQX_ON_ERROR`: in a vmapped batch, lanes
+that have already finished keep executing solver bodies on frozen, sometimes
+non-finite, values, and a raising check there would abort every individual for
+garbage that is discarded anyway. Failures are reported through `RESULTS` codes.
 """
 
-import jax
+import os
+
+
+if "EQX_ON_ERROR" not in os.environ:
+    os.environ["EQX_ON_ERROR"] = "nan"
+    import equinox._config
+    import equinox._errors
+
+    # equinox reads the variable once at import; match it if that already happened.
+    equinox._config.EQX_ON_ERROR = "nan"
+    equinox._errors.EQX_ON_ERROR = "nan"
+
+import jax  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)

@@ -17,6 +17,7 @@ values) are kept; identical rows are rejected as duplicates.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -141,7 +143,11 @@ def _tree_map(fn, tree):
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read CSV, TSV or Parquet (by suffix) with every column as text, so validation
-    sees exactly what the file holds."""
+    sees exactly what the file holds (missing cells become "").
+
+    The index, named `row`, holds each measurement's row number as a spreadsheet shows
+    it: the header is row 1 and blank lines count, so messages point at the right row.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError([Issue(str(path), "file not found")])
@@ -150,20 +156,58 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            frame = pd.read_parquet(path).astype(str)
-        else:
-            sep = "\t" if suffix in (".tsv", ".tab") else ","
-            frame = pd.read_csv(
-                path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True
+            raw = pd.read_parquet(path)
+            frame = pd.DataFrame(
+                {j: _as_text(raw.iloc[:, j]).to_numpy() for j in range(raw.shape[1])},
+                index=pd.Index(np.arange(len(raw)) + 2, name="row"),
             )
-    except Exception as error:  # pandas raises many types for malformed files
+            frame.columns = [str(c) for c in raw.columns]
+        else:
+            frame = _read_delimited(path, "\t" if suffix in (".tsv", ".tab") else ",")
+    except DataError:
+        raise
+    except Exception as error:  # malformed files raise many types
         raise DataError([Issue(str(path), f"cannot be read as a table: {error}")]) from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
 
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        records = list(csv.reader(handle, delimiter=sep, skipinitialspace=True))
+    # Record k is spreadsheet row k + 1; blank records keep their row numbers.
+    filled = [k for k, record in enumerate(records) if any(f.strip() for f in record)]
+    if not filled:
+        raise DataError([Issue(str(path), "file is empty")])
+    header = records[filled[0]]
+    n = len(header)
+    rows, cells, issues = [], [], []
+    for k in filled[1:]:
+        record = records[k]
+        if len(record) > n and any(f.strip() for f in record[n:]):
+            issues.append(Issue(str(path), f"{len(record)} fields but the header has {n}",
+                                row=k + 1))
+            continue
+        rows.append(k + 1)
+        cells.append((record + [""] * n)[:n])
+    if issues:
+        raise DataError(issues)
+    index = pd.Index(rows, name="row", dtype=int)
+    frame = pd.DataFrame(cells, columns=range(n), index=index, dtype=object)
+    frame.columns = header  # may repeat names; validation reports that
+    return frame
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """Cells as stripped strings; missing cells (None, NaN, NA, NaT) become ""."""
+    return column.map(
+        lambda v: "" if v is None or (pd.api.types.is_scalar(v) and pd.isna(v))
+        else str(v).strip()
+    ).astype(object)
+
+
 def _parse_numbers(texts: pd.Series) -> np.ndarray:
-    return pd.to_numeric(texts.astype(str).str.strip(), errors="coerce").to_numpy(float)
+    return pd.to_numeric(_as_text(texts), errors="coerce").to_numpy(float)
 
 
 def dataset_from_frame(
@@ -184,6 +228,9 @@ def dataset_from_frame(
     - `t0`: earliest allowed time.
     - `positive_observables`: observables whose values must be > 0 (log-normal noise).
 
+    Rows are numbered from 2 (the header is row 1) in the frame's order, unless the
+    index is named `row` (as `read_table` makes it): then it holds the row numbers.
+
     **Raises:** `DataError` listing every problem with file, row and column.
     """
     issues: list[Issue] = []
@@ -193,7 +240,7 @@ def dataset_from_frame(
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     for c in missing:
         close = difflib.get_close_matches(c, columns, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; is '{close[0]}' a misspelling of it?" if close else ""
         issues.append(
             Issue(source, f"missing required column '{c}' (found: {', '.join(columns)}){hint}",
                   column=c)
@@ -204,16 +251,25 @@ def dataset_from_frame(
         if close and close[0] not in columns:
             issues.append(Issue(source, f"unknown column; did you mean '{close[0]}'?",
                                 column=c))
-    if missing:
+    repeated = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if columns.count(c) > 1]
+    for c in repeated:
+        issues.append(Issue(source, f"column appears {columns.count(c)} times", column=c))
+    if missing or repeated:
         raise DataError(issues)
     if len(frame) == 0:
         raise DataError([Issue(source, "table has a header but no measurements")])
 
-    rows = np.arange(len(frame)) + 2
-    text = {c: frame[c].astype(str).str.strip() for c in columns}
+    if frame.index.name == "row" and pd.api.types.is_integer_dtype(frame.index):
+        rows = frame.index.to_numpy(int)
+    else:
+        rows = np.arange(len(frame)) + 2
+    columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in columns]
+    text = {c: _as_text(frame[c]) for c in columns}
 
+    blank = {c: ((text[c] == "") | (text[c].str.lower() == "nan")).to_numpy()
+             for c in ("individual", "observable")}
     for c in ("individual", "observable"):
-        for r in rows[(text[c] == "").to_numpy() | (text[c].str.lower() == "nan").to_numpy()]:
+        for r in rows[blank[c]]:
             issues.append(Issue(source, "empty; a name is needed", row=int(r), column=c))
 
     numbers = {}
@@ -254,12 +310,12 @@ def dataset_from_frame(
     else:
         sigma = np.full(len(frame), np.nan)
 
-    names_found = sorted(set(text["observable"]) - {""})
+    names_found = sorted(set(text["observable"][~blank["observable"]]))
     if observables is None:
         observables = names_found
     observables = tuple(observables)
-    for r, name in zip(rows, text["observable"]):
-        if name and name not in observables:
+    for r, name, is_blank in zip(rows, text["observable"], blank["observable"]):
+        if not is_blank and name not in observables:
             close = difflib.get_close_matches(name, observables, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             issues.append(
@@ -333,10 +389,11 @@ def _layout(frame: pd.DataFrame, observables: tuple[str, ...], source: str) -> D
         individuals=individuals,
         observables=observables,
         measurements=Measurements(
-            times=jnp.asarray(times),
-            values=jnp.asarray(values),
-            sigma=jnp.asarray(sigma),
-            mask=jnp.asarray(mask),
+            # device_put, not jnp.asarray: the latter compiles a conversion per shape.
+            times=jax.device_put(times),
+            values=jax.device_put(values),
+            sigma=jax.device_put(sigma),
+            mask=jax.device_put(mask),
         ),
         source=source,
     )

@@ -160,38 +160,43 @@ def _solve_one(objective: Objective, solver, z0, data: Measurements, inputs, max
 
 
 def _diagnose(objective: Objective, z, data, inputs, solver_result):
-    loss, ode_result = objective.negative_log_likelihood(z, data, inputs)
-    _, grad = objective.sensitivity.value_and_grad(
-        lambda z: objective.negative_log_likelihood(z, data, inputs)[0], z
-    )
-    grad_norm = jnp.where(jnp.isfinite(loss), jnp.linalg.norm(grad), jnp.inf)
+    """Loss, stationarity, standard errors and result code at an optimum `z`.
+
+    All from one Jacobian of the residuals: $L = \\tfrac12\\lVert r\\rVert^2 +$ const
+    gives $\\nabla_z L = J_z^\\top r$, and the Gauss–Newton Fisher information on the
+    parameters' own scales $s$ is $J_s^\\top J_s$ with $J_s = J_z\\,\\mathrm{diag}(dz/ds)$.
+    """
+    jacobian_mode = jax.jacfwd if objective.sensitivity.mode == "forward" else jax.jacrev
+    jac_z, (r, loss, ode_result) = jacobian_mode(
+        lambda z: (lambda r, nll, res: (r, (r, nll, res)))(
+            *objective.evaluate(z, data, inputs)
+        ),
+        has_aux=True,
+    )(z)
+    grad_norm = jnp.where(jnp.isfinite(loss), jnp.linalg.norm(jac_z.T @ r), jnp.inf)
     success = RESULTS.successful._value
     result = jnp.where(
         ode_result._value != success,
         ode_result._value,
         jnp.where(solver_result == success, success, RESULTS.fit_not_converged._value),
     )
-    # Fisher information on each parameter's own scale: J = dr/ds.
     space = objective.space
-
-    def residual_of_scaled(s):
-        z_of_s = jnp.stack(
-            [space[n].to_unconstrained(space[n].from_scaled(s[i]))
-             for i, n in enumerate(space.estimated)]
-        )
-        return objective.residuals(z_of_s, data, inputs)[0]
-
     params = objective.params(z)
-    s = jnp.stack([space[n].to_scaled(params[n]) for n in space.estimated])
-    jac = objective.sensitivity.jacobian(residual_of_scaled, s)
-    fisher = jac.T @ jac
+    dz_ds = jnp.stack(
+        [
+            jax.grad(lambda s, p=space[n]: p.to_unconstrained(p.from_scaled(s)))(
+                space[n].to_scaled(params[n])
+            )
+            for n in space.estimated
+        ]
+    )
+    jac_s = jac_z * dz_ds[None, :]
+    fisher = jac_s.T @ jac_s
     eigval, eigvec = jnp.linalg.eigh(fisher)
     tiny = 1e-12 * jnp.max(jnp.abs(eigval))
     inv = (eigvec / jnp.where(eigval > tiny, eigval, jnp.inf)) @ eigvec.T
     # A direction with no information gives an infinite standard error.
-    unidentified = jnp.any(
-        (eigval[None, :] <= tiny) & (jnp.abs(eigvec) > 1e-8), axis=1
-    )
+    unidentified = jnp.any((eigval[None, :] <= tiny) & (jnp.abs(eigvec) > 1e-8), axis=1)
     se = jnp.where(unidentified, jnp.inf, jnp.sqrt(jnp.clip(jnp.diag(inv), 0.0)))
     return loss, grad_norm, se, result
 

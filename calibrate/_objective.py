@@ -107,47 +107,47 @@ class Objective(eqx.Module):
             columns.append((noise, y[:, k], y_pred[:, k], sigma))
         return traj, columns
 
-    def negative_log_likelihood(
+    def evaluate(
         self, z, data: Measurements, inputs=None
-    ) -> tuple[Float[Array, ""], RESULTS]:
-        """$L(p(z))$ and the solve's result; `+inf` when the solve failed."""
-        traj, columns = self._terms(z, data, inputs)
-        total = 0.0
-        for k, (noise, y, y_pred, sigma) in enumerate(columns):
-            nll = noise.negative_log_likelihood(y, y_pred, sigma)
-            total = total + jnp.sum(jnp.where(data.mask[:, k], nll, 0.0))
-        return _failure_guard(traj, total)
+    ) -> tuple[Float[Array, " m"], Float[Array, ""], RESULTS]:
+        r"""Residuals $r$, likelihood $L$ and the solve's result, from one solve.
 
-    def residuals(self, z, data: Measurements, inputs=None) -> tuple[Float[Array, " m"], RESULTS]:
-        """Residual vector $r$ with $L = \\tfrac12\\lVert r\\rVert^2 + $ const."""
+        On failure $L = +\infty$ and $r$ is a large constant (zero derivative), so
+        trust-region solvers reject the step instead of receiving NaN.
+        """
         traj, columns = self._terms(z, data, inputs)
         parts = []
+        total = 0.0
         for k, (noise, y, y_pred, sigma) in enumerate(columns):
             mask = data.mask[:, k]
+            nll = noise.negative_log_likelihood(y, y_pred, sigma)
+            total = total + jnp.sum(jnp.where(mask, nll, 0.0))
             parts.append(jnp.where(mask, noise.residual(y, y_pred, sigma), 0.0))
             if noise.sigma_varies:
                 extra = jnp.sqrt(2 * jnp.log(sigma) + SIGMA_RESIDUAL_SHIFT)
                 parts.append(jnp.where(mask, extra, 0.0))
         r = jnp.concatenate(parts)
-        ok = (traj.result == RESULTS.successful) & jnp.all(jnp.isfinite(r))
+        solved = traj.result == RESULTS.successful
+        ok = solved & jnp.all(jnp.isfinite(r)) & jnp.isfinite(total)
+        result = RESULTS.where(solved & ~ok, RESULTS.nonfinite_likelihood, traj.result)
         failed = jnp.full_like(r, FAILED_RESIDUAL / jnp.sqrt(r.size))
-        result = RESULTS.where(
-            (traj.result == RESULTS.successful) & ~ok, RESULTS.nonfinite_likelihood,
-            traj.result,
-        )
-        return jnp.where(ok, r, jax.lax.stop_gradient(failed)), result
+        r = jnp.where(ok, r, jax.lax.stop_gradient(failed))
+        return r, jnp.where(ok, total, jnp.inf), result
+
+    def negative_log_likelihood(
+        self, z, data: Measurements, inputs=None
+    ) -> tuple[Float[Array, ""], RESULTS]:
+        """$L(p(z))$ and the solve's result; `+inf` when the solve failed."""
+        _, nll, result = self.evaluate(z, data, inputs)
+        return nll, result
+
+    def residuals(self, z, data: Measurements, inputs=None) -> tuple[Float[Array, " m"], RESULTS]:
+        """Residual vector $r$ with $L = \\tfrac12\\lVert r\\rVert^2 + $ const."""
+        r, _, result = self.evaluate(z, data, inputs)
+        return r, result
 
     def residual_constant(self, data: Measurements, z=None) -> Float[Array, ""]:
         """$L - \\tfrac12\\lVert r\\rVert^2$ (independent of the parameters)."""
         z = jnp.zeros(self.n_parameters) if z is None else z
-        nll, _ = self.negative_log_likelihood(z, data)
-        r, _ = self.residuals(z, data)
+        r, nll, _ = self.evaluate(z, data)
         return nll - 0.5 * jnp.sum(r**2)
-
-
-def _failure_guard(traj: Trajectory, value):
-    ok = traj.result == RESULTS.successful
-    result = RESULTS.where(ok & ~jnp.isfinite(value), RESULTS.nonfinite_likelihood,
-                           traj.result)
-    ok = ok & jnp.isfinite(value)
-    return jnp.where(ok, value, jnp.inf), result

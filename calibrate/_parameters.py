@@ -117,7 +117,8 @@ class Parameter(eqx.Module):
             s = b - jax.nn.softplus(z)
         else:
             s = z
-        return self.from_scaled(s)
+        # exp(log(u)) can exceed u by an ulp; keep bounds exact.
+        return jnp.clip(self.from_scaled(s), self.lower, self.upper)
 
 
 def _scale_float(value: float, scale: str) -> float:

@@ -50,13 +50,14 @@ class AbstractSensitivity(eqx.Module):
         return jax.jacrev(fn)(x, *args)
 
     def reverse_differentiable(self, fn):
-        """Wrap scalar `fn(x, *args)` so `jax.grad` works even in forward mode.
+        """Wrap scalar `fn(x, *args)` so `jax.grad` gives this strategy's gradient.
 
-        Reverse-mode optimisers (BFGS) call `jax.grad`; under forward sensitivities the
-        gradient is computed by `jax.jacfwd` inside a custom VJP instead.
+        Gradient-based minimisers (BFGS) linearise and transpose the objective. Here
+        the gradient is computed once, in this strategy's mode, inside a custom VJP:
+        forward sensitivities become usable, and a checkpointed adjoint is not
+        re-linearised inside the minimiser's batched loop (which equinox's
+        checkpointed loop does not support under `vmap`).
         """
-        if self.mode == "reverse":
-            return fn
 
         @jax.custom_vjp
         def wrapped(x, *args):
@@ -104,12 +105,16 @@ class DiscreteAdjoint(AbstractSensitivity):
 class ContinuousAdjoint(AbstractSensitivity):
     """Backsolve adjoint: integrate the adjoint ODE backwards in time (memory O(1)).
 
-    Exact only to the solver tolerance, and the backward solve of a stiff model needs
-    the same stiff solver and enough `max_steps`.
+    Exact only to the solver tolerance. The backward solve uses `backward_solver`
+    (stiff-safe `Kvaerno3` by default; the forward solver's chord-Newton settings make
+    the augmented backward system slow to compile and unreliable) and raises if it
+    fails, because a silently failed backward solve would be a wrong gradient.
     """
 
+    backward_solver: dfx.AbstractSolver = dfx.Kvaerno3()
+
     def adjoint(self):
-        return dfx.BacksolveAdjoint()
+        return dfx.BacksolveAdjoint(solver=self.backward_solver, throw=True)
 
     @property
     def mode(self):

@@ -1,0 +1,31 @@
+"""Shared test helpers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def central_difference_gradient(fn, x, step=1e-5):
+    """Central finite differences of scalar `fn` at `x`, h = step * max(1, |x_i|).
+
+    Truncation error is O(h^2 f'''), round-off O(eps |f| / h): with float64 and
+    h ~ 1e-5 both are ~1e-10 relative, well below the 1e-5 the tests ask for, as long
+    as the ODE is solved to ~1e-10 (noise in the solve enters as tol / h).
+    """
+    x = np.asarray(x, dtype=float)
+    grad = np.zeros_like(x)
+    for i in range(x.size):
+        h = step * max(1.0, abs(x[i]))
+        e = np.zeros_like(x)
+        e[i] = h
+        grad[i] = (float(fn(jnp.asarray(x + e))) - float(fn(jnp.asarray(x - e)))) / (2 * h)
+    return grad
+
+
+def first_individual(dataset):
+    return jax.tree.map(lambda a: a[0], dataset.measurements)
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))

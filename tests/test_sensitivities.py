@@ -1,0 +1,124 @@
+"""Gradients of the likelihood through the ODE solve: every sensitivity method agrees
+with the others, with central finite differences and, on the reference model, with the
+gradient of the closed-form solution."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import calibrate as cal
+from helpers import central_difference_gradient, first_individual, relative_error
+
+
+# Tight solves: the FD check sees solver error divided by the FD step.
+INTEGRATOR = cal.Integrator(rtol=1e-10, atol=1e-12, max_steps=100_000)
+METHODS = {
+    "forward": cal.ForwardMode(),
+    "discrete_adjoint": cal.DiscreteAdjoint(),
+    "continuous_adjoint": cal.ContinuousAdjoint(),
+    "direct": cal.DirectDifferentiation(),
+}
+MODELS = ["reference", "enzyme_kinetics", "mapk_cascade"]
+
+
+@functools.cache
+def problem(name):
+    module = cal.zoo_module(name)
+    model = module.MODEL()
+    data = first_individual(module.synthetic_data(jax.random.key(7)))
+    objective = cal.Objective(model, integrator=INTEGRATOR)
+    # Away from the optimum so the gradient is far from zero.
+    truth = model.parameter_space.complete(module.TRUE_PARAMETERS)
+    z = objective.space.to_vector(truth) + 0.1 * jnp.cos(
+        jnp.arange(objective.n_parameters, dtype=float)
+    )
+    return model, objective, data, z
+
+
+@functools.cache
+def gradient(name, method):
+    model, objective, data, z = problem(name)
+    objective = cal.Objective(model, integrator=INTEGRATOR, sensitivity=METHODS[method])
+    nll = lambda z: objective.negative_log_likelihood(z, data)[0]
+    value, grad = jax.jit(lambda z: objective.sensitivity.value_and_grad(nll, z))(z)
+    return float(value), np.asarray(grad)
+
+
+@functools.cache
+def finite_difference(name):
+    model, objective, data, z = problem(name)
+    nll = jax.jit(lambda z: objective.negative_log_likelihood(z, data)[0])
+    return central_difference_gradient(nll, z)
+
+
+def _cases():
+    for name in MODELS:
+        for method in METHODS:
+            marks = []
+            if name == "mapk_cascade" and method in ("direct", "continuous_adjoint"):
+                marks = [pytest.mark.slow]  # minutes to compile/run on 2 cores
+            yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
+
+
+@pytest.mark.parametrize("name,method", list(_cases()))
+def test_gradient_matches_finite_differences(name, method):
+    value, grad = gradient(name, method)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    assert np.linalg.norm(grad) > 1.0  # far from stationary: the check has teeth
+    assert relative_error(grad, finite_difference(name)) < 1e-5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_methods_agree_with_each_other(name):
+    reference_value, reference = gradient(name, "forward")
+    methods = ["discrete_adjoint"] + (["continuous_adjoint"] if name != "mapk_cascade" else [])
+    for method in methods:
+        value, grad = gradient(name, method)
+        assert value == pytest.approx(reference_value, rel=1e-12)
+        # Discrete methods differentiate the same arithmetic; the continuous adjoint
+        # only agrees to the solver tolerance.
+        tol = 1e-10 if method == "discrete_adjoint" else 1e-6
+        assert relative_error(grad, reference) < tol, method
+
+
+def test_reference_gradient_matches_closed_form():
+    model, objective, data, z = problem("reference")
+    module = cal.zoo_module("reference")
+    sigma = 0.05
+
+    def closed_form_nll(z):
+        params = objective.params(z)
+        x = module.closed_form(data.times, params["p"], params["q"])
+        r = (data.values[:, 0] - x) / sigma
+        return jnp.sum(0.5 * r**2 + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi))
+
+    exact_value, exact = jax.value_and_grad(closed_form_nll)(z)
+    for method in ("forward", "discrete_adjoint", "continuous_adjoint"):
+        value, grad = gradient("reference", method)
+        # The ODE is solved to rtol 1e-10, the closed form is exact.
+        assert value == pytest.approx(float(exact_value), rel=1e-7)
+        assert relative_error(grad, exact) < 1e-6, method
+
+
+def test_cascade_is_stiff():
+    """The cascade needs an implicit solver: an explicit one takes many more steps."""
+    import diffrax as dfx
+
+    module = cal.zoo_module("mapk_cascade")
+    model = module.MODEL()
+    params = model.parameter_space.complete()
+    steps = {}
+    for label, integrator in {
+        "implicit": cal.Integrator(rtol=1e-8, atol=1e-10),
+        "explicit": cal.Integrator(solver=dfx.Tsit5(), rtol=1e-8, atol=1e-10,
+                                   max_steps=200_000),
+    }.items():
+        traj = jax.jit(
+            lambda p: cal.simulate(model, p, module.OBSERVATION_TIMES, integrator=integrator)
+        )(params)
+        assert traj.result == cal.RESULTS.successful
+        steps[label] = int(traj.num_steps)
+    assert steps["explicit"] > 10 * steps["implicit"], steps
