@@ -21,12 +21,7 @@ class AbstractInput(eqx.Module):
         return jnp.zeros((0,))
 
 
-class PiecewiseConstant(AbstractInput):
-    """$u(t) = v_i$ for $t_i \\le t < t_{i+1}$; $v_0$ before $t_0$, $v_{k-1}$ after.
-
-    **Arguments:** `times` (increasing, shape k), `values` (shape k).
-    """
-
+class _TabulatedInput(AbstractInput):
     times: Float[Array, " k"]
     values: Float[Array, " k"]
 
@@ -34,7 +29,16 @@ class PiecewiseConstant(AbstractInput):
         self.times = jnp.asarray(times, dtype=float)
         self.values = jnp.asarray(values, dtype=float)
         if self.times.ndim != 1 or self.times.shape != self.values.shape:
-            raise ValueError("PiecewiseConstant needs 1-d `times` and `values` of one length")
+            raise ValueError(
+                f"{type(self).__name__} needs 1-d `times` and `values` of one length"
+            )
+
+
+class PiecewiseConstant(_TabulatedInput):
+    """$u(t) = v_i$ for $t_i \\le t < t_{i+1}$; $v_0$ before $t_0$, $v_{k-1}$ after.
+
+    **Arguments:** `times` (increasing, shape k), `values` (shape k).
+    """
 
     def __call__(self, t):
         index = jnp.clip(jnp.searchsorted(self.times, t, side="right") - 1, 0, None)
@@ -45,17 +49,8 @@ class PiecewiseConstant(AbstractInput):
         return self.times
 
 
-class Interpolated(AbstractInput):
+class Interpolated(_TabulatedInput):
     """Linear interpolation through `(times, values)`, constant beyond the ends."""
-
-    times: Float[Array, " k"]
-    values: Float[Array, " k"]
-
-    def __init__(self, times, values):
-        self.times = jnp.asarray(times, dtype=float)
-        self.values = jnp.asarray(values, dtype=float)
-        if self.times.ndim != 1 or self.times.shape != self.values.shape:
-            raise ValueError("Interpolated needs 1-d `times` and `values` of one length")
 
     def __call__(self, t):
         return jnp.interp(t, self.times, self.values)

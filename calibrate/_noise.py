@@ -74,11 +74,8 @@ class AbstractNoiseModel(eqx.Module):
         return s
 
 
-class Gaussian(AbstractNoiseModel):
-    """Additive normal noise with standard deviation `sigma` (a number, or the name of
-    an estimated parameter)."""
-
-    sigma: float | str = eqx.field(static=True)
+class _FixedOrEstimatedSigma(AbstractNoiseModel):
+    sigma: eqx.AbstractVar[float | str]
 
     def model_sigma(self, y_pred, params):
         return jnp.broadcast_to(_resolve(self.sigma, params), jnp.shape(y_pred))
@@ -86,6 +83,13 @@ class Gaussian(AbstractNoiseModel):
     @property
     def parameter_names(self):
         return (self.sigma,) if isinstance(self.sigma, str) else ()
+
+
+class Gaussian(_FixedOrEstimatedSigma):
+    """Additive normal noise with standard deviation `sigma` (a number, or the name of
+    an estimated parameter)."""
+
+    sigma: float | str = eqx.field(static=True)
 
 
 class Proportional(AbstractNoiseModel):
@@ -110,17 +114,10 @@ class Proportional(AbstractNoiseModel):
         return True
 
 
-class LogNormal(AbstractNoiseModel):
+class LogNormal(_FixedOrEstimatedSigma):
     """Multiplicative noise: $\\log y \\sim N(\\log \\hat y, \\sigma^2)$ (needs y > 0)."""
 
     sigma: float | str = eqx.field(static=True)
-
-    def model_sigma(self, y_pred, params):
-        return jnp.broadcast_to(_resolve(self.sigma, params), jnp.shape(y_pred))
-
-    @property
-    def parameter_names(self):
-        return (self.sigma,) if isinstance(self.sigma, str) else ()
 
     def transform(self, y):
         # Predictions can touch zero or go slightly negative within solver tolerance.
@@ -131,7 +128,3 @@ class LogNormal(AbstractNoiseModel):
 
     def log_jacobian(self, y):
         return jnp.log(y)
-
-    @property
-    def requires_positive(self) -> bool:
-        return True
