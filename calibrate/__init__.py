@@ -64,6 +64,7 @@ from ._parameters import (  # noqa: E402
 )
 from ._results import (  # noqa: E402
     RESULTS as RESULTS,
+    result_code as result_code,
     result_message as result_message,
     result_name as result_name,
 )

@@ -111,8 +111,8 @@ class Dataset(eqx.Module):
         return Dataset(
             individuals=tuple(self.individuals[i] for i in idx),
             observables=self.observables,
-            measurements=_tree_map(take, self.measurements),
-            inputs=None if self.inputs is None else _tree_map(take, self.inputs),
+            measurements=jax.tree.map(take, self.measurements),
+            inputs=None if self.inputs is None else jax.tree.map(take, self.inputs),
             source=self.source,
         )
 
@@ -133,12 +133,6 @@ class Dataset(eqx.Module):
         if frame["sigma"].isna().all():
             frame = frame.drop(columns="sigma")
         return frame
-
-
-def _tree_map(fn, tree):
-    import jax
-
-    return jax.tree.map(fn, tree)
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -435,6 +429,4 @@ def dataset_for_model(model, frame_or_path, **kwargs) -> Dataset:
 
 def stack_inputs(inputs: Sequence[Mapping[str, AbstractInput]]) -> dict[str, AbstractInput]:
     """Stack per-individual inputs (same structure and shapes) along a leading axis."""
-    import jax
-
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(i) for i in inputs])

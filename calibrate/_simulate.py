@@ -12,7 +12,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from ._inputs import AbstractInput
-from ._model import AbstractODEModel
+from ._model import AbstractODEModel, check_state_shape
 from ._parameters import Params
 from ._results import RESULTS
 from ._sensitivity import AbstractSensitivity, ForwardMode
@@ -132,6 +132,7 @@ def simulate(
         inputs = model.default_inputs()
     times = jnp.asarray(times, dtype=float)
     x0 = model.initial_state(params)
+    check_state_shape(model, x0)
     t0 = model.t0
     t1 = jnp.maximum(times[-1], t0)
     solution = dfx.diffeqsolve(

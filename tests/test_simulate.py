@@ -71,3 +71,28 @@ def test_max_steps_is_a_result_not_an_exception(reference):
                         integrator=cal.Integrator(max_steps=3))
     assert traj.result == cal.RESULTS.max_steps_reached
     assert not bool(traj.ok)
+
+
+class WrongShape(cal.AbstractODEModel):
+    """Declares two states but returns one initial value."""
+
+    states = ("a", "b")
+    parameters = (cal.Parameter("k", 1.0),)
+    observables = (cal.Observable("a"),)
+    inputs = ()
+    t0 = 0.0
+
+    def rhs(self, t, x, params, inputs):
+        return -x
+
+    def initial_state(self, params):
+        return jnp.stack([params["k"]])
+
+    def observe(self, t, x, params):
+        return x[:1]
+
+
+def test_model_with_wrong_state_shape_gets_a_clear_error():
+    model = WrongShape()
+    with pytest.raises(ValueError, match=r"WrongShape: initial_state returned shape \(1,\)"):
+        cal.simulate(model, model.parameter_space.complete(), TIMES)
