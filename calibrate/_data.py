@@ -148,6 +148,13 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError([Issue(str(path), "file is empty")])
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise DataError(
+                [Issue(str(path), "reading Parquet needs pyarrow: pip install 'calibrate[parquet]'")]
+            )
     try:
         if suffix == ".parquet":
             raw = pd.read_parquet(path)
