@@ -388,8 +388,14 @@ def rel_diff(a, b):
 SENSITIVITIES = ("ForwardMode", "DiscreteAdjoint", "ContinuousAdjoint", "DirectDifferentiation")
 
 
-def single_gradient(report, *, name, method, z, meas, repeats):
-    """Compile and time `value_and_grad` of the NLL of one individual; runs in a child."""
+def single_gradient(report, *, name, method, z, meas, repeats, on_error=None):
+    """Compile and time `value_and_grad` of the NLL of one individual; runs in a child.
+
+    `on_error="raise"` sets `EQX_ON_ERROR=raise` before importing calibrate (which
+    otherwise turns failed runtime checks into NaN), so a failure says why.
+    """
+    if on_error is not None:
+        os.environ["EQX_ON_ERROR"] = on_error
     import jax
     import jax.numpy as jnp
 
@@ -569,8 +575,17 @@ def bench_model(name, args, log):
             tc, tr, val, g, n_rep = payload
             if not (math.isfinite(val) and np.all(np.isfinite(g))):
                 what = "value" if not math.isfinite(val) else "gradient"
-                reason = (f"non-finite {what} (a forward or backward solve failed, "
-                          f"e.g. max_steps)")
+                # Run it again with runtime errors raised, to learn why.
+                log(f"[{name}] grad {label}: non-finite {what}; rerunning with "
+                    f"EQX_ON_ERROR=raise for the reason")
+                st2, p2 = run_isolated(
+                    single_gradient,
+                    dict(name=name, method=label, z=np.asarray(z), meas=meas_np,
+                         repeats=1, on_error="raise"),
+                    timeout=args.method_timeout,
+                )
+                why = ("no error raised" if st2 == "done" else p2["reason"])
+                reason = f"non-finite {what}; with `EQX_ON_ERROR=raise`: {why}"
                 rows.append([f"∇ NLL, {label}", fmt_s(tc), f"fails: {reason}", ""])
                 log(f"[{name}] grad {label}: FAILS {reason}")
                 continue
@@ -891,6 +906,9 @@ def write_atomic(path, text):
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

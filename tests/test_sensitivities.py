@@ -58,8 +58,17 @@ def _cases():
     for name in MODELS:
         for method in METHODS:
             marks = []
-            if name == "mapk_cascade" and method in ("direct", "continuous_adjoint"):
+            if name == "mapk_cascade" and method == "direct":
                 marks = [pytest.mark.slow]  # minutes to compile/run on 2 cores
+            if name == "mapk_cascade" and method == "continuous_adjoint":
+                marks = [
+                    pytest.mark.slow,
+                    pytest.mark.xfail(
+                        strict=True,
+                        reason="the backsolve adjoint of the stiff cascade runs out of "
+                        "steps and returns NaN (known limitation, see README)",
+                    ),
+                ]
             yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
 
 
