@@ -5,7 +5,7 @@ Run from the repository root:
 
     python benchmarks/bench_core.py                       # all zoo models, full run
     python benchmarks/bench_core.py --models reference --batches 1,10 --repeats 3 \
-        --out /tmp/RESULTS.md                             # quick smoke run
+        --out scratch-results.md                             # quick smoke run
 
 For every zoo model (``calibrate.zoo_names()``) it measures, at the tolerances of
 ``calibrate.Integrator()``:
