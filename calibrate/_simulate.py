@@ -41,7 +41,7 @@ def default_stiff_solver(rtol: float, atol: float) -> dfx.AbstractSolver:
     on the MAPK cascade at rtol=1e-8 that is ~4,500 steps against ~490 with this chord
     method. The rejections make diffrax's default more accurate than asked (error
     2e-9 against our 8e-8 at rtol 1e-8); asking this solver for 100x tighter
-    tolerances still costs 2.9x less time (benchmarks/RESULTS.md).
+    tolerances still costs 2.9–5.6x less time (benchmarks/RESULTS.md).
     Below ~1e-13 relative, Newton corrections drown in round-off and never "converge",
     so the Newton tolerances have floors.
     """
