@@ -166,13 +166,13 @@ def _diagnose(objective: Objective, z, data, inputs, solver_result):
     gives $\\nabla_z L = J_z^\\top r$, and the Gauss–Newton Fisher information on the
     parameters' own scales $s$ is $J_s^\\top J_s$ with $J_s = J_z\\,\\mathrm{diag}(dz/ds)$.
     """
-    jacobian_mode = jax.jacfwd if objective.sensitivity.mode == "forward" else jax.jacrev
-    jac_z, (r, loss, ode_result) = jacobian_mode(
-        lambda z: (lambda r, nll, res: (r, (r, nll, res)))(
-            *objective.evaluate(z, data, inputs)
-        ),
-        has_aux=True,
-    )(z)
+    def residuals_with_aux(z):
+        r, nll, ode_result = objective.evaluate(z, data, inputs)
+        return r, (r, nll, ode_result)
+
+    jac_z, (r, loss, ode_result) = objective.sensitivity.jacobian(
+        residuals_with_aux, z, has_aux=True
+    )
     grad_norm = jnp.where(jnp.isfinite(loss), jnp.linalg.norm(jac_z.T @ r), jnp.inf)
     success = RESULTS.successful._value
     result = jnp.where(

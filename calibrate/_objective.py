@@ -145,9 +145,3 @@ class Objective(eqx.Module):
         """Residual vector $r$ with $L = \\tfrac12\\lVert r\\rVert^2 + $ const."""
         r, _, result = self.evaluate(z, data, inputs)
         return r, result
-
-    def residual_constant(self, data: Measurements, z=None) -> Float[Array, ""]:
-        """$L - \\tfrac12\\lVert r\\rVert^2$ (independent of the parameters)."""
-        z = jnp.zeros(self.n_parameters) if z is None else z
-        r, nll, _ = self.evaluate(z, data)
-        return nll - 0.5 * jnp.sum(r**2)

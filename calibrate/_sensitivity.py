@@ -43,11 +43,10 @@ class AbstractSensitivity(eqx.Module):
             return value, grad
         return jax.value_and_grad(fn)(x, *args)
 
-    def jacobian(self, fn, x, *args):
+    def jacobian(self, fn, x, *args, has_aux: bool = False):
         """Jacobian of a vector-valued `fn` in this strategy's mode."""
-        if self.mode == "forward":
-            return jax.jacfwd(fn)(x, *args)
-        return jax.jacrev(fn)(x, *args)
+        jacobian = jax.jacfwd if self.mode == "forward" else jax.jacrev
+        return jacobian(fn, has_aux=has_aux)(x, *args)
 
     def reverse_differentiable(self, fn):
         """Wrap scalar `fn(x, *args)` so `jax.grad` gives this strategy's gradient.

@@ -38,7 +38,6 @@ from rich.table import Table
 import calibrate as cal
 
 from ._io import write_csv_atomic, write_json_atomic
-from ._results import result_code
 
 
 EXIT_INPUT_ERROR = 2
@@ -450,7 +449,7 @@ def simulate(
         raise CLIError(f"model {resolved.spec} defines no OBSERVATION_TIMES: give --times")
     trajectory = cal.simulate(m, params, t, integrator=cal.Integrator(rtol=rtol, atol=atol))
     if not bool(trajectory.ok):
-        code = result_code(trajectory.result)
+        code = cal.result_code(trajectory.result)
         raise CLIError(
             f"the simulation of {m.name} failed ({cal.result_name(code)}): "
             f"{cal.result_message(code)}",
