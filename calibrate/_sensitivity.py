@@ -106,8 +106,10 @@ class ContinuousAdjoint(AbstractSensitivity):
 
     Exact only to the solver tolerance. The backward solve uses `backward_solver`
     (stiff-safe `Kvaerno3` by default; the forward solver's chord-Newton settings make
-    the augmented backward system slow to compile and unreliable) and raises if it
-    fails, because a silently failed backward solve would be a wrong gradient.
+    the augmented backward system slow to compile and unreliable). A failed backward
+    solve is never a silent wrong gradient: it gives NaN (under the `EQX_ON_ERROR=nan`
+    that `calibrate` sets by default) or raises (with `EQX_ON_ERROR=raise`). The stiff
+    `mapk_cascade` fails this way: use `ForwardMode` or `DiscreteAdjoint` there.
     """
 
     backward_solver: dfx.AbstractSolver = dfx.Kvaerno3()
