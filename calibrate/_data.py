@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -148,13 +149,10 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError([Issue(str(path), "file is empty")])
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import importlib.util
-
-        if importlib.util.find_spec("pyarrow") is None:
-            raise DataError(
-                [Issue(str(path), "reading Parquet needs pyarrow: pip install 'calibrate[parquet]'")]
-            )
+    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise DataError(
+            [Issue(str(path), "reading Parquet needs pyarrow: pip install 'calibrate[parquet]'")]
+        )
     try:
         if suffix == ".parquet":
             raw = pd.read_parquet(path)
