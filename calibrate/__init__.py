@@ -43,6 +43,33 @@ from ._fit import (  # noqa: E402
     SobolStarts as SobolStarts,
     fit as fit,
 )
+from ._hypergrad import (  # noqa: E402
+    AbstractCurvature as AbstractCurvature,
+    AbstractHypergradient as AbstractHypergradient,
+    AbstractLinearSolve as AbstractLinearSolve,
+    AbstractSchedule as AbstractSchedule,
+    AbstractUnrolledOptimiser as AbstractUnrolledOptimiser,
+    Adam as Adam,
+    BilevelProblem as BilevelProblem,
+    ConjugateGradient as ConjugateGradient,
+    DirectSolve as DirectSolve,
+    ExactHessian as ExactHessian,
+    ExponentialDecay as ExponentialDecay,
+    FiniteDifferences as FiniteDifferences,
+    ForwardHessian as ForwardHessian,
+    GaussNewton as GaussNewton,
+    GradientDescent as GradientDescent,
+    Hypergradient as Hypergradient,
+    HypergradientError as HypergradientError,
+    HypergradientWarning as HypergradientWarning,
+    Implicit as Implicit,
+    InverseTimeDecay as InverseTimeDecay,
+    Momentum as Momentum,
+    NeumannSeries as NeumannSeries,
+    Unrolled as Unrolled,
+    check_supported as check_supported,
+    hypergradient as hypergradient,
+)
 from ._inputs import (  # noqa: E402
     AbstractInput as AbstractInput,
     Constant as Constant,
@@ -57,6 +84,12 @@ from ._noise import (  # noqa: E402
     Proportional as Proportional,
 )
 from ._objective import Objective as Objective  # noqa: E402
+from ._penalty import (  # noqa: E402
+    AbstractPenalty as AbstractPenalty,
+    ElasticNet as ElasticNet,
+    L2 as L2,
+    SmoothedL1 as SmoothedL1,
+)
 from ._parameters import (  # noqa: E402
     Parameter as Parameter,
     ParameterError as ParameterError,

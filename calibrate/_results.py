@@ -24,6 +24,26 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "The optimiser stopped before meeting its tolerance (max_steps reached or no "
         "further progress). Try more steps, other start points, or check identifiability."
     )
+    inner_not_stationary = (
+        "The inner optimum is not stationary (the gradient of the inner loss is above "
+        "tolerance), so the implicit-function hypergradient does not hold there. Tighten "
+        "the inner solver's tolerances or raise its max_steps."
+    )
+    neumann_divergent = (
+        "The Neumann series for the inverse Hessian cannot converge: the spectral radius "
+        "of I - step_size * H is >= 1. Lower the step size below 2 / (largest Hessian "
+        "eigenvalue), or use a direct or conjugate-gradient solve."
+    )
+    hessian_solve_inaccurate = (
+        "The linear system with the inner Hessian was not solved accurately (large "
+        "residual, singular or indefinite Hessian). The inner optimum may be a saddle or "
+        "poorly identified; try a direct solve, or regularise the inner problem."
+    )
+    near_kink = (
+        "A non-smooth penalty sits at a kink: a component is on the boundary between "
+        "zero and non-zero, where the hypergradient is not defined (it depends on the "
+        "smoothing width). Move the penalty strength, or treat the value as one-sided."
+    )
 
 
 def _items():

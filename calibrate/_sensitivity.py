@@ -16,7 +16,7 @@ to the solver tolerance.
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import ClassVar, Literal
 
 import diffrax as dfx
 import equinox as eqx
@@ -24,8 +24,21 @@ import jax
 import jax.numpy as jnp
 
 
+FORWARD_OVER_FORWARD = "forward-over-forward"
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+REVERSE_OVER_REVERSE = "reverse-over-reverse"
+ALL_SECOND_ORDER = frozenset({FORWARD_OVER_FORWARD, FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE})
+
+
 class AbstractSensitivity(eqx.Module):
-    """How gradients are computed through `diffrax.diffeqsolve`."""
+    """How gradients are computed through `diffrax.diffeqsolve`.
+
+    `second_order` lists the compositions of derivative modes the solve survives
+    (measured with diffrax 0.7: the checkpointed and backsolve adjoints support none,
+    `ForwardMode` only forward-over-forward, `DirectAdjoint` all).
+    """
+
+    second_order: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def adjoint(self) -> dfx.AbstractAdjoint:
@@ -79,6 +92,8 @@ class ForwardMode(AbstractSensitivity):
     """Forward sensitivities through the solver steps (best for few parameters, and
     the only fast route to Jacobians of residuals for Gauss–Newton/LM)."""
 
+    second_order: ClassVar[frozenset[str]] = frozenset({FORWARD_OVER_FORWARD})
+
     def adjoint(self):
         return dfx.ForwardMode()
 
@@ -124,7 +139,10 @@ class ContinuousAdjoint(AbstractSensitivity):
 
 class DirectDifferentiation(AbstractSensitivity):
     """Differentiate the unrolled solver loop; supports every order and mode (needed
-    for exact Hessian–vector products through the solve), at higher cost."""
+    for exact Hessian–vector products through the solve), at higher cost. Also the
+    right choice for losses that contain no ODE solve at all."""
+
+    second_order: ClassVar[frozenset[str]] = ALL_SECOND_ORDER
 
     def adjoint(self):
         return dfx.DirectAdjoint()
