@@ -95,6 +95,25 @@ from ._parameters import (  # noqa: E402
     ParameterError as ParameterError,
     ParameterSpace as ParameterSpace,
 )
+from ._population import (  # noqa: E402
+    AbstractCovariance as AbstractCovariance,
+    AbstractOuterOptimiser as AbstractOuterOptimiser,
+    AbstractPopulationObjective as AbstractPopulationObjective,
+    DiagonalCovariance as DiagonalCovariance,
+    FirstOrder as FirstOrder,
+    FullCovariance as FullCovariance,
+    Hierarchy as Hierarchy,
+    Laplace as Laplace,
+    PopulationProblem as PopulationProblem,
+    PopulationResult as PopulationResult,
+    QuasiNewton as QuasiNewton,
+    ValidationLoss as ValidationLoss,
+    calibrate_population as calibrate_population,
+    holdout_split as holdout_split,
+    PopulationSetup as PopulationSetup,
+    population_hypergradient as population_hypergradient,
+    population_setup as population_setup,
+)
 from ._results import (  # noqa: E402
     RESULTS as RESULTS,
     result_code as result_code,

@@ -82,18 +82,17 @@ class Objective(eqx.Module):
     def trajectory(
         self, z, data: Measurements, inputs: Mapping[str, AbstractInput] | None = None
     ) -> Trajectory:
+        return self.simulate(self.params(z), data, inputs)
+
+    def simulate(self, params: Params, data: Measurements, inputs=None) -> Trajectory:
+        """The model at natural-scale `params`, observed at the measurement times."""
         return simulate(
-            self.model,
-            self.params(z),
-            data.times,
-            inputs=inputs,
-            integrator=self.integrator,
+            self.model, params, data.times, inputs=inputs, integrator=self.integrator,
             sensitivity=self.sensitivity,
         )
 
-    def _terms(self, z, data: Measurements, inputs):
-        params = self.params(z)
-        traj = self.trajectory(z, data, inputs)
+    def _terms(self, params, data: Measurements, inputs):
+        traj = self.simulate(params, data, inputs)
         predictions = traj.observables
         mask = data.mask
         # Masked entries get harmless stand-ins so no NaN leaks into derivatives.
@@ -115,7 +114,13 @@ class Objective(eqx.Module):
         On failure $L = +\infty$ and $r$ is a large constant (zero derivative), so
         trust-region solvers reject the step instead of receiving NaN.
         """
-        traj, columns = self._terms(z, data, inputs)
+        return self.evaluate_params(self.params(z), data, inputs)
+
+    def evaluate_params(
+        self, params: Params, data: Measurements, inputs=None
+    ) -> tuple[Float[Array, " m"], Float[Array, ""], RESULTS]:
+        """`evaluate` at a natural-scale parameter dict instead of `z`."""
+        traj, columns = self._terms(params, data, inputs)
         parts = []
         total = 0.0
         for k, (noise, y, y_pred, sigma) in enumerate(columns):

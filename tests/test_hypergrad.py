@@ -85,7 +85,7 @@ def test_ridge_implicit_matches_closed_form(method):
     assert h.successful
     assert abs(float(h.value) - RIDGE_EXACT) < 1e-8 * abs(RIDGE_EXACT)
     assert float(h.linear_residual) < 1e-10
-    assert float(h.stationarity) < 1e-6
+    assert float(h.stationarity) < 1e-9
 
 
 def test_ridge_gauss_newton_is_exact_only_without_the_dropped_term():
@@ -188,7 +188,7 @@ def test_non_stationary_inner_optimum_is_reported():
     )
     with pytest.raises(cal.HypergradientError, match="inner_not_stationary"):
         cal.hypergradient(problem, RIDGE_THETA, RIDGE_ARGS, start=RIDGE_START, throw=True)
-    with pytest.warns(cal.HypergradientWarning, match=r"\|grad_p L_in\| = "):
+    with pytest.warns(cal.HypergradientWarning, match=r"Newton step"):
         h = cal.hypergradient(problem, RIDGE_THETA, RIDGE_ARGS, start=RIDGE_START)
     assert float(h.stationarity) > float(h.stationarity_bound)
 

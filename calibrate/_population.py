@@ -1,0 +1,833 @@
+r"""Hierarchical (population) calibration by hypergradients.
+
+$N$ individuals share one ODE model. Each model parameter plays one role:
+
+- **random** (population-distributed): on the parameter's scale $s$ (log for a
+  log-scale parameter), $s_i = \mu + \eta_i$, $\eta_i \sim N(0, \Omega)$, $\Omega$
+  diagonal or full; initial conditions are parameters, so they can be random too;
+- **fixed** (fixed effect): one value shared by all individuals;
+- **individual**: fitted per individual with no population model;
+- everything else is a constant.
+
+The inner problem, for each individual and all at once (one `vmap`ped optimistix
+solve, warm-started from the previous outer step), is the MAP fit
+
+$$ u_i^*(\theta) = \arg\min_{u_i = (\eta_i, z_i)}\;
+   \tfrac12\lVert r_i(u_i, \theta)\rVert^2 + \tfrac12\eta_i^\top\Omega^{-1}\eta_i
+   + R_\lambda(\eta_i), $$
+
+and the outer problem chooses $\theta = (\text{fixed effects}, \mu, \Omega, \log\lambda)$
+by minimising either
+
+- `Laplace()`: the Laplace approximation of the marginal likelihood (first-order
+  conditional estimation with interaction, FOCE-I),
+  $-\log L(\theta) \approx \sum_i \mathrm{NLL}_i(u_i^*) + \tfrac12\eta_i^{*\top}\Omega^{-1}\eta_i^*
+  + \tfrac12\log\det\Omega + \tfrac12\log\det(J_{\eta,i}^\top J_{\eta,i} + \Omega^{-1})$,
+  or
+- `ValidationLoss(fraction)`: the likelihood of held-out measurements.
+
+Both depend on $\theta$ through $u^*(\theta)$; their gradient is the hypergradient
+(`calibrate.Implicit` by default), summed over individuals.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optimistix as optx
+import pandas as pd
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+
+from ._data import Dataset, Measurements
+from ._hypergrad import (
+    AbstractHypergradient,
+    BilevelProblem,
+    ForwardHessian,
+    Hypergradient,
+    Implicit,
+    check_supported,
+)
+from ._model import AbstractODEModel
+from ._objective import Objective
+from ._parameters import ParameterError
+from ._penalty import L2, AbstractPenalty
+from ._results import RESULTS, result_name
+from ._sensitivity import FORWARD_OVER_FORWARD, REVERSE_OVER_REVERSE, AbstractSensitivity, ForwardMode
+from ._simulate import Integrator
+
+
+# ---------------------------------------------------------------------------------
+# Covariance structures
+
+
+class AbstractCovariance(eqx.Module):
+    """How $\\Omega = LL^\\top$ is parametrised by an unconstrained vector."""
+
+    @abc.abstractmethod
+    def size(self, k: int) -> int:
+        ...
+
+    @abc.abstractmethod
+    def cholesky(self, vector: Float[Array, " m"], k: int) -> Float[Array, "k k"]:
+        ...
+
+    @abc.abstractmethod
+    def initial(self, sd: np.ndarray) -> np.ndarray:
+        """The vector of a diagonal $\\Omega$ with standard deviations `sd`."""
+
+
+class DiagonalCovariance(AbstractCovariance):
+    """$\\Omega = \\mathrm{diag}(\\omega^2)$, parametrised by $\\log\\omega$."""
+
+    def size(self, k):
+        return k
+
+    def cholesky(self, vector, k):
+        return jnp.diag(jnp.exp(vector))
+
+    def initial(self, sd):
+        return np.log(sd)
+
+
+class FullCovariance(AbstractCovariance):
+    """Full $\\Omega = LL^\\top$: $L$ lower triangular with $\\log$ of its diagonal and its
+    strictly lower entries (row by row) as parameters."""
+
+    def size(self, k):
+        return k * (k + 1) // 2
+
+    def cholesky(self, vector, k):
+        rows, cols = np.tril_indices(k, -1)
+        lower = jnp.zeros((k, k)).at[rows, cols].set(vector[k:])
+        return lower + jnp.diag(jnp.exp(vector[:k]))
+
+    def initial(self, sd):
+        return np.concatenate([np.log(sd), np.zeros(len(sd) * (len(sd) - 1) // 2)])
+
+
+class Hierarchy(eqx.Module):
+    """Roles of the model parameters in the population model.
+
+    **Arguments:**
+
+    - `random`: population-distributed parameters ($s_i = \\mu + \\eta_i$ on their scale).
+    - `fixed`: fixed effects, one shared value estimated for all individuals.
+    - `individual`: fitted per individual without a population model.
+    - `covariance`: `DiagonalCovariance()` (default) or `FullCovariance()` for $\\Omega$.
+    - `penalty`: optional penalty $R_\\lambda(\\eta_i)$ (e.g. `L2()`, `ElasticNet()`) whose
+      strength $\\lambda$ is learned (use with `ValidationLoss`).
+    """
+
+    random: tuple[str, ...] = eqx.field(static=True, default=())
+    fixed: tuple[str, ...] = eqx.field(static=True, default=())
+    individual: tuple[str, ...] = eqx.field(static=True, default=())
+    covariance: AbstractCovariance = DiagonalCovariance()
+    penalty: AbstractPenalty | None = None
+
+    def __init__(self, random=(), fixed=(), individual=(), covariance=DiagonalCovariance(),
+                 penalty=None):
+        self.random = tuple(random)
+        self.fixed = tuple(fixed)
+        self.individual = tuple(individual)
+        self.covariance = covariance
+        self.penalty = penalty
+
+    def __check_init__(self):
+        names = [*self.random, *self.fixed, *self.individual]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ParameterError(f"parameter(s) given more than one role: {', '.join(twice)}")
+        if not self.random and not self.individual:
+            raise ParameterError("the hierarchy has no random or individual parameters")
+
+
+# ---------------------------------------------------------------------------------
+# Outer objectives
+
+
+class AbstractPopulationObjective(eqx.Module):
+    """What the outer problem minimises, per individual, as a function of $(u_i, \\theta)$."""
+
+    needs_second_order: bool = eqx.field(static=True, default=False)
+
+    def missing(self, sensitivity: AbstractSensitivity) -> str | None:
+        if not self.needs_second_order:
+            return None
+        need = FORWARD_OVER_FORWARD if sensitivity.mode == "forward" else REVERSE_OVER_REVERSE
+        if need not in sensitivity.second_order:
+            return (
+                f"{type(self).__name__} differentiates the Jacobian of the residuals, which "
+                f"needs {need} derivatives; {type(sensitivity).__name__} does not support them"
+            )
+        return None
+
+
+class Laplace(AbstractPopulationObjective):
+    """Laplace approximation of $-\\log L(\\theta)$ with the Gauss–Newton (FOCE-I)
+    Hessian of the random effects."""
+
+    needs_second_order: bool = eqx.field(static=True, default=True)
+
+
+class ValidationLoss(AbstractPopulationObjective):
+    """Negative log-likelihood of held-out measurements: a random `fraction` of each
+    individual's measurements (drawn with `seed`) is removed from the inner fits."""
+
+    fraction: float = eqx.field(static=True, default=0.2)
+    seed: int = eqx.field(static=True, default=0)
+
+    def __check_init__(self):
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"ValidationLoss needs 0 < fraction < 1, got {self.fraction}")
+
+
+def holdout_split(
+    measurements: Measurements, fraction: float, seed: int
+) -> tuple[Measurements, Measurements]:
+    """Split each individual's measurements into training and held-out masks.
+
+    At least one measurement per individual stays in each part (when it has two).
+    """
+    mask = np.asarray(measurements.mask)
+    rng = np.random.default_rng(seed)
+    held = np.zeros_like(mask)
+    for i in range(mask.shape[0]):
+        where = np.flatnonzero(mask[i].ravel())
+        if where.size < 2:
+            continue
+        count = min(max(1, round(fraction * where.size)), where.size - 1)
+        chosen = rng.choice(where, size=count, replace=False)
+        flat = held[i].ravel()
+        flat[chosen] = True
+        held[i] = flat.reshape(mask[i].shape)
+    train = eqx.tree_at(lambda m: m.mask, measurements, jnp.asarray(mask & ~held))
+    validation = eqx.tree_at(lambda m: m.mask, measurements, jnp.asarray(held))
+    return train, validation
+
+
+# ---------------------------------------------------------------------------------
+# The per-individual bilevel problem
+
+
+class PopulationProblem(eqx.Module):
+    """Maps $(u_i, \\theta)$ to an individual's parameters, inner loss and outer loss."""
+
+    objective: Objective
+    hierarchy: Hierarchy
+    outer: AbstractPopulationObjective
+    constants: dict[str, Float[Array, ""]]
+
+    @property
+    def space(self):
+        return self.objective.model.parameter_space
+
+    @property
+    def n_random(self) -> int:
+        return len(self.hierarchy.random)
+
+    def cholesky(self, theta) -> Float[Array, "k k"]:
+        return self.hierarchy.covariance.cholesky(theta["omega"], self.n_random)
+
+    def params(self, u, theta):
+        """Natural-scale parameters of one individual."""
+        h = self.hierarchy
+        space = self.space
+        values = dict(self.constants)
+        for j, name in enumerate(h.fixed):
+            values[name] = space[name].from_unconstrained(theta["fixed"][j])
+        for j, name in enumerate(h.random):
+            values[name] = space[name].from_scaled(theta["mean"][j] + u[j])
+        for j, name in enumerate(h.individual):
+            values[name] = space[name].from_unconstrained(u[self.n_random + j])
+        return values
+
+    def _prior_residuals(self, u, theta):
+        eta = u[: self.n_random]
+        if self.n_random == 0:
+            return eta
+        return jax.scipy.linalg.solve_triangular(self.cholesky(theta), eta, lower=True)
+
+    def _penalty_residuals(self, u, theta):
+        # An L2 penalty is a residual; other penalties enter `inner_loss` only.
+        penalty = self.hierarchy.penalty
+        if isinstance(penalty, L2):
+            return jnp.exp(0.5 * theta["strength"]) * u[: self.n_random]
+        return jnp.zeros((0,))
+
+    def has_residual_form(self) -> bool:
+        return self.hierarchy.penalty is None or isinstance(self.hierarchy.penalty, L2)
+
+    def data_terms(self, u, theta, data, inputs):
+        return self.objective.evaluate_params(self.params(u, theta), data, inputs)
+
+    def inner_residuals(self, u, theta, args):
+        train, _, inputs = args
+        r, _, _ = self.data_terms(u, theta, train, inputs)
+        return jnp.concatenate(
+            [r, self._prior_residuals(u, theta), self._penalty_residuals(u, theta)]
+        )
+
+    def inner_loss(self, u, theta, args):
+        value = 0.5 * jnp.sum(self.inner_residuals(u, theta, args) ** 2)
+        penalty = self.hierarchy.penalty
+        if penalty is not None and not isinstance(penalty, L2):
+            value = value + penalty(u[: self.n_random], jnp.exp(theta["strength"]))
+        return value
+
+    def kink_curvature(self, u, theta, args):
+        penalty = self.hierarchy.penalty
+        curvature = jnp.zeros_like(u)
+        if penalty is None:
+            return curvature
+        eta = u[: self.n_random]
+        return curvature.at[: self.n_random].set(
+            penalty.kink_curvature(eta, jnp.exp(theta["strength"]))
+        )
+
+    def laplace(self, u, theta, args):
+        """$-\\log$ of the Laplace-approximated marginal likelihood of one individual."""
+        train, _, inputs = args
+        k = self.n_random
+        _, nll, _ = self.data_terms(u, theta, train, inputs)
+        prior = self._prior_residuals(u, theta)
+        if k == 0:
+            return nll
+        residuals = lambda eta: self.data_terms(
+            u.at[:k].set(eta), theta, train, inputs
+        )[0]
+        jac = self.objective.sensitivity.jacobian(residuals, u[:k])
+        chol = self.cholesky(theta)
+        omega_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k))
+        hessian = jac.T @ jac + omega_inv
+        log_det_hessian = 2 * jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(hessian))))
+        log_det_omega = 2 * jnp.sum(jnp.log(jnp.abs(jnp.diag(chol))))
+        return nll + 0.5 * jnp.sum(prior**2) + 0.5 * log_det_omega + 0.5 * log_det_hessian
+
+    def validation(self, u, theta, args):
+        _, held_out, inputs = args
+        _, nll, _ = self.data_terms(u, theta, held_out, inputs)
+        return nll
+
+    def outer_loss(self, u, theta, args):
+        if isinstance(self.outer, Laplace):
+            return self.laplace(u, theta, args)
+        return self.validation(u, theta, args)
+
+    def bilevel(self, inner_solver, inner_max_steps: int) -> BilevelProblem:
+        sensitivity = self.objective.sensitivity
+        residual_form = self.has_residual_form() and isinstance(
+            inner_solver, optx.AbstractLeastSquaresSolver
+        )
+        return BilevelProblem(
+            self.outer_loss,
+            inner_loss=None if residual_form else self.inner_loss,
+            inner_residuals=self.inner_residuals if residual_form else None,
+            inner_solver=inner_solver,
+            inner_max_steps=inner_max_steps,
+            sensitivity=sensitivity,
+            kink_curvature=None if self.hierarchy.penalty is None else self.kink_curvature,
+        )
+
+
+# ---------------------------------------------------------------------------------
+# Batched hypergradient over individuals
+
+
+def _precomputed(theta, evaluation):
+    """`evaluation = (value, gradient, aux)` computed outside at `theta`, presented as
+    a function of `theta` whose reverse-mode gradient is `gradient`: optimistix's
+    step then compiles without the inner fits, which run in one shared compiled
+    evaluation."""
+    return _precomputed_vjp(theta, evaluation)
+
+
+@jax.custom_vjp
+def _precomputed_vjp(theta, evaluation):
+    value, _, aux = evaluation
+    return value, aux
+
+
+def _precomputed_forward(theta, evaluation):
+    value, gradient, aux = evaluation
+    return (value, aux), (gradient, evaluation)
+
+
+def _precomputed_backward(residuals, cotangent):
+    gradient, evaluation = residuals
+    cot_value, _ = cotangent
+    return (
+        jax.tree.map(lambda g: cot_value * g, gradient),
+        jax.tree.map(jnp.zeros_like, evaluation),
+    )
+
+
+_precomputed_vjp.defvjp(_precomputed_forward, _precomputed_backward)
+
+
+def population_hypergradient(
+    method: AbstractHypergradient, bilevel: BilevelProblem, theta, starts, data
+) -> Hypergradient:
+    """Every individual's hypergradient (leading axis N), from `starts` (N, n_u)."""
+    train, held_out, inputs = data
+    in_axes = (0, 0 if held_out is not None else None, 0 if inputs is not None else None)
+
+    def one(start, train, held_out, inputs):
+        return method.compute(bilevel, theta, (train, held_out, inputs), start)
+
+    return jax.vmap(one, in_axes=(0, *in_axes))(starts, train, held_out, inputs)
+
+
+def _accepted_starts(h: Hypergradient, starts):
+    """Inner solutions to warm-start from; non-finite ones would poison the next fit."""
+    solved = jnp.all(jnp.isfinite(h.inner_solution), axis=-1)
+    return jnp.where(solved[:, None], h.inner_solution, starts)
+
+
+class _Evaluation(eqx.Module):
+    value: Float[Array, ""]
+    gradient: Any
+    hypergradients: Hypergradient
+
+
+@eqx.filter_jit
+def _evaluate(method, bilevel, theta, starts, data) -> _Evaluation:
+    h = population_hypergradient(method, bilevel, theta, starts, data)
+    total = jnp.sum(h.outer_loss)
+    gradient = jax.tree.map(lambda g: jnp.sum(g, axis=0), h.value)
+    return _Evaluation(total, gradient, h)
+
+
+# ---------------------------------------------------------------------------------
+# Outer optimisers
+
+
+class AbstractOuterOptimiser(eqx.Module):
+    """Drives $\\theta$ with a host-side loop (one compiled evaluation per step, inner
+    fits warm-started from the last accepted step)."""
+
+    @abc.abstractmethod
+    def run(self, evaluate, theta, starts, callback) -> tuple[Any, Any, int, bool]:
+        """Minimise; returns `(theta, starts, steps, converged)`."""
+
+
+class QuasiNewton(AbstractOuterOptimiser):
+    """optimistix BFGS (with its backtracking line search) on the outer objective."""
+
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    max_steps: int = eqx.field(static=True, default=100)
+
+    def run(self, evaluate, theta, starts, callback):
+        solver = optx.BFGS(rtol=self.rtol, atol=self.atol)
+        options: dict = {}
+        tags = frozenset()
+        first = evaluate(theta, starts)
+        # Scaled so that the first (steepest-descent) step has unit length in θ.
+        scale = 1.0 / max(1.0, float(jnp.linalg.norm(ravel_pytree(first.gradient)[0])))
+
+        def packed(e, starts):
+            gradient = jax.tree.map(lambda g: scale * g, e.gradient)
+            return (scale * e.value, gradient, _accepted_starts(e.hypergradients, starts))
+
+        evaluation = packed(first, starts)
+        f_struct, aux_struct = jax.eval_shape(_precomputed, theta, evaluation)
+        state = solver.init(_precomputed, theta, evaluation, options, f_struct, aux_struct,
+                            tags)
+        step = eqx.filter_jit(
+            lambda theta, state, evaluation: solver.step(
+                _precomputed, theta, evaluation, options, state, tags
+            )
+        )
+        terminate = eqx.filter_jit(
+            lambda theta, state, evaluation: solver.terminate(
+                _precomputed, theta, evaluation, options, state, tags
+            )
+        )
+        converged = False
+        steps = 0
+        for steps in range(1, self.max_steps + 1):
+            # optimistix evaluates the objective at `state.y_eval`; do it here.
+            e = first if steps == 1 else evaluate(state.y_eval, starts)
+            evaluation = packed(e, starts)
+            theta, state, starts = step(theta, state, evaluation)
+            callback(steps, theta, float(state.f_info.f) / scale)
+            done, result = terminate(theta, state, evaluation)
+            if bool(done):
+                converged = bool(result == optx.RESULTS.successful)
+                break
+        return theta, starts, steps, converged
+
+
+class FirstOrder(AbstractOuterOptimiser):
+    """An optax gradient transformation (e.g. `optax.adam(0.05)`) for `steps` steps."""
+
+    transformation: Any = None
+    steps: int = eqx.field(static=True, default=200)
+    gtol: float = 1e-6
+
+    def run(self, evaluate, theta, starts, callback):
+        transformation = self.transformation or optax.adam(0.05)
+        state = transformation.init(theta)
+        update = eqx.filter_jit(
+            lambda g, state, theta: transformation.update(g, state, theta)
+        )
+        for step in range(1, self.steps + 1):
+            e = evaluate(theta, starts)
+            starts = _accepted_starts(e.hypergradients, starts)
+            callback(step, theta, float(e.value))
+            flat, _ = ravel_pytree(e.gradient)
+            if float(jnp.linalg.norm(flat)) < self.gtol:
+                return theta, starts, step, True
+            updates, state = update(e.gradient, state, theta)
+            theta = optax.apply_updates(theta, updates)
+        return theta, starts, self.steps, False
+
+
+# ---------------------------------------------------------------------------------
+# Results
+
+
+class PopulationResult(eqx.Module):
+    """Population and individual estimates of a hierarchical calibration.
+
+    - `theta`: the outer parameters (`fixed`: unconstrained fixed effects, `mean`:
+      $\\mu$ on the parameters' scales, `omega`: covariance parameters, `strength`:
+      $\\log\\lambda$); `covariance_theta`: their covariance (inverse outer Hessian).
+    - `population`: table of population estimates with standard errors.
+    - `individual`: table of individual estimates (natural scale), convergence and
+      stationarity; `eta`: random effects $\\eta_i^*$; `shrinkage`: per random effect,
+      $1 - \\mathrm{sd}(\\eta^*)/\\omega$.
+    - `omega`: $\\Omega$ on the parameters' scales; `history`: the outer trace.
+    - `objective`: the final outer objective; for `Laplace` also `minus_two_log_likelihood`,
+      `aic`, `bic`.
+    - `hypergradients`: per-individual diagnostics at the estimate.
+    """
+
+    theta: Any
+    covariance_theta: np.ndarray
+    population: pd.DataFrame
+    individual: pd.DataFrame
+    eta: np.ndarray
+    shrinkage: dict[str, float]
+    omega: np.ndarray
+    history: pd.DataFrame
+    objective: float
+    minus_two_log_likelihood: float | None
+    aic: float | None
+    bic: float | None
+    converged: bool
+    outer_steps: int
+    hypergradients: Hypergradient
+    inner_solutions: np.ndarray
+
+    def estimate(self, name: str, kind: str = "mean") -> float:
+        rows = self.population[(self.population.parameter == name)
+                               & (self.population.kind == kind)]
+        if rows.empty:
+            raise KeyError(f"no population estimate {kind!r} of {name!r}")
+        return float(rows.estimate.iloc[0])
+
+
+# ---------------------------------------------------------------------------------
+# The verb
+
+
+class PopulationSetup(eqx.Module):
+    """A population problem ready to evaluate: the per-individual bilevel problem,
+    the batched data, the start point of $\theta$ and of the inner fits."""
+
+    problem: PopulationProblem
+    bilevel: BilevelProblem
+    batch: tuple
+    theta: dict
+    starts: Float[Array, "N n_u"]
+    n_observations: int = eqx.field(static=True)
+
+    def evaluate(self, method: AbstractHypergradient, theta, starts) -> _Evaluation:
+        """Outer objective, its gradient and every individual's hypergradient."""
+        method = jax.tree.map(
+            lambda x: jnp.asarray(x) if isinstance(x, float) else x, method
+        )
+        return _evaluate(method, self.bilevel, theta, starts, self.batch)
+
+    def converge_inner(self, method: AbstractHypergradient, theta, starts, rounds: int = 4):
+        """Re-run the inner fits from their own solutions (up to `rounds` times) until
+        every individual is stationary; returns the inner solutions."""
+        for _ in range(rounds):
+            h = self.evaluate(method, theta, starts).hypergradients
+            starts = _accepted_starts(h, starts)
+            if bool(jnp.all(h.stationarity <= h.stationarity_bound)):
+                break
+        return starts
+
+
+def population_setup(
+    model: AbstractODEModel,
+    data: Dataset,
+    *,
+    hierarchy: Hierarchy,
+    objective: AbstractPopulationObjective = Laplace(),
+    start: Mapping[str, float] | None = None,
+    start_sd: float | Mapping[str, float] = 0.3,
+    start_strength: float = 1.0,
+    constants: Mapping[str, float] | None = None,
+    sensitivity: AbstractSensitivity = ForwardMode(),
+    integrator: Integrator = Integrator(),
+    inner_solver: optx.AbstractLeastSquaresSolver | optx.AbstractMinimiser = (
+        optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
+    ),
+    inner_max_steps: int = 64,
+) -> PopulationSetup:
+    """Check the specification and build a `PopulationSetup` (arguments as for
+    `calibrate_population`)."""
+    reason = objective.missing(sensitivity)
+    if reason is not None:
+        raise ValueError(f"{reason}. Use ForwardMode or DirectDifferentiation.")
+    space = model.parameter_space
+    roles = [*hierarchy.random, *hierarchy.fixed, *hierarchy.individual]
+    for name in roles:
+        space[name]  # raises ParameterError naming an unknown parameter
+    if hierarchy.penalty is not None and isinstance(objective, Laplace):
+        raise ValueError(
+            "a learned penalty strength needs held-out data: use ValidationLoss, not Laplace"
+        )
+    start_values = space.complete({**(constants or {}), **(start or {})})
+    constant_values = {n: v for n, v in start_values.items() if n not in roles}
+    obj = Objective(model, integrator=integrator, sensitivity=sensitivity)
+    problem = PopulationProblem(obj, hierarchy, objective, constant_values)
+
+    k = len(hierarchy.random)
+    sd = np.array([
+        float(start_sd[n]) if isinstance(start_sd, Mapping) else float(start_sd)
+        for n in hierarchy.random
+    ])
+    theta: dict[str, Array] = {}
+    if hierarchy.fixed:
+        theta["fixed"] = jnp.stack([space[n].to_unconstrained(start_values[n])
+                                    for n in hierarchy.fixed])
+    if k:
+        theta["mean"] = jnp.stack([space[n].to_scaled(start_values[n])
+                                   for n in hierarchy.random])
+        theta["omega"] = jnp.asarray(hierarchy.covariance.initial(sd))
+    if hierarchy.penalty is not None:
+        theta["strength"] = jnp.asarray(math.log(start_strength))
+
+    n = len(data)
+    measurements = data.measurements
+    if isinstance(objective, ValidationLoss):
+        train, held_out = holdout_split(measurements, objective.fraction, objective.seed)
+    else:
+        train, held_out = measurements, None
+    inputs = data.inputs
+    if inputs is None and model.inputs:
+        inputs = jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), model.default_inputs()
+        )
+    individual_start = (
+        jnp.stack([space[name].to_unconstrained(start_values[name])
+                   for name in hierarchy.individual])
+        if hierarchy.individual else jnp.zeros(0)
+    )
+    u0 = jnp.concatenate([jnp.zeros(k), individual_start])
+    return PopulationSetup(
+        problem=problem,
+        bilevel=problem.bilevel(inner_solver, inner_max_steps),
+        batch=(train, held_out, inputs),
+        theta=theta,
+        starts=jnp.broadcast_to(u0, (n, u0.size)),
+        n_observations=int(np.sum(np.asarray(train.mask))),
+    )
+
+
+def calibrate_population(
+    model: AbstractODEModel,
+    data: Dataset,
+    *,
+    hierarchy: Hierarchy,
+    objective: AbstractPopulationObjective = Laplace(),
+    start: Mapping[str, float] | None = None,
+    start_sd: float | Mapping[str, float] = 0.3,
+    start_strength: float = 1.0,
+    constants: Mapping[str, float] | None = None,
+    hypergradient: AbstractHypergradient = Implicit(curvature=ForwardHessian()),
+    sensitivity: AbstractSensitivity = ForwardMode(),
+    integrator: Integrator = Integrator(),
+    inner_solver: optx.AbstractLeastSquaresSolver | optx.AbstractMinimiser = (
+        optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
+    ),
+    inner_max_steps: int = 64,
+    outer: AbstractOuterOptimiser = QuasiNewton(),
+    standard_errors: bool = True,
+    cold_start_rounds: int = 4,
+    callback=None,
+) -> PopulationResult:
+    """Calibrate a population model to `data` (see the module docstring for the maths).
+
+    **Arguments:**
+
+    - `model`, `data`: the ODE model and a `Dataset` of N individuals.
+    - `hierarchy`: the role of each parameter (`Hierarchy(random=..., fixed=..., ...)`).
+    - `objective`: `Laplace()` (default) or `ValidationLoss(fraction)`.
+    - `start`: natural-scale start values of fixed effects and population means
+      (default: parameter defaults); `start_sd`: start standard deviation(s) of the
+      random effects on their scale; `start_strength`: start penalty strength.
+    - `constants`: values of the parameters with no role (default: their defaults).
+    - `hypergradient`: outer-gradient strategy, checked against `sensitivity` now.
+    - `sensitivity`, `integrator`: derivatives and ODE solves of the inner problem.
+    - `inner_solver`, `inner_max_steps`: the per-individual MAP fit. Warm-started fits
+      need few steps; a trust-region solver started at its own optimum rejects every
+      step (the loss only changes by round-off) and runs to `max_steps`, so this limit
+      is kept small and stationarity is judged by the hypergradient's Newton-step test.
+      The first fits, from a cold start, are repeated up to `cold_start_rounds` times
+      until every individual is stationary.
+    - `outer`: `QuasiNewton()` (optimistix BFGS, default) or `FirstOrder(optax...)`.
+    - `standard_errors`: compute the outer Hessian by central differences of the
+      hypergradient (2 × dim θ extra evaluations).
+    - `callback(step, theta, objective)`: called after every outer step.
+    """
+    check_supported(hypergradient, sensitivity)
+    setup = population_setup(
+        model, data, hierarchy=hierarchy, objective=objective, start=start,
+        start_sd=start_sd, start_strength=start_strength, constants=constants,
+        sensitivity=sensitivity, integrator=integrator, inner_solver=inner_solver,
+        inner_max_steps=inner_max_steps,
+    )
+    evaluate = lambda theta, starts: setup.evaluate(hypergradient, theta, starts)
+    history = []
+
+    def record(step, theta, value):
+        history.append({"step": step, "objective": value})
+        if callback is not None:
+            callback(step, theta, value)
+
+    theta = setup.theta
+    starts = setup.converge_inner(hypergradient, theta, setup.starts, cold_start_rounds)
+    theta, starts, steps, converged = outer.run(evaluate, theta, starts, record)
+    final = evaluate(theta, starts)
+    h = final.hypergradients
+    flat_theta, _ = ravel_pytree(theta)
+    covariance = np.full((flat_theta.size, flat_theta.size), np.nan)
+    if standard_errors:
+        covariance = _outer_covariance(evaluate, theta, h.inner_solution)
+    return _result(setup.problem, data, theta, covariance, final, h, history, steps,
+                   converged, setup.n_observations)
+
+
+def _outer_covariance(evaluate, theta, starts) -> np.ndarray:
+    """Inverse of the outer Hessian, by central differences of the hypergradient."""
+    flat, unravel = ravel_pytree(theta)
+    m = flat.size
+    hessian = np.zeros((m, m))
+    for j in range(m):
+        h = 1e-4 * max(1.0, abs(float(flat[j])))
+        grads = []
+        for sign in (1.0, -1.0):
+            e = evaluate(unravel(flat.at[j].add(sign * h)), starts)
+            grads.append(np.asarray(ravel_pytree(e.gradient)[0]))
+        hessian[:, j] = (grads[0] - grads[1]) / (2 * h)
+    hessian = 0.5 * (hessian + hessian.T)
+    try:
+        return np.linalg.inv(hessian)
+    except np.linalg.LinAlgError:
+        return np.full((m, m), np.nan)
+
+
+def _delta_se(fn, value, se):
+    """Standard error of fn(x) at x = value by the delta method."""
+    derivative = float(jax.grad(fn)(jnp.asarray(value, float)))
+    return abs(derivative) * se
+
+
+def _result(problem, data, theta, covariance, final, h, history, steps, converged,
+            n_observations) -> PopulationResult:
+    hierarchy = problem.hierarchy
+    space = problem.space
+    flat, _ = ravel_pytree(theta)
+    se_flat = np.sqrt(np.clip(np.diag(covariance), 0, None))
+    # Offsets of each block of theta in the flat vector (ravel_pytree sorts dict keys).
+    offsets, position = {}, 0
+    for key in sorted(theta):
+        offsets[key] = position
+        position += int(np.size(theta[key]))
+    rows = []
+    for j, name in enumerate(hierarchy.fixed):
+        p = space[name]
+        z = float(theta["fixed"][j])
+        se = se_flat[offsets["fixed"] + j]
+        rows.append({"parameter": name, "kind": "fixed",
+                     "estimate": float(p.from_unconstrained(z)),
+                     "se": _delta_se(p.from_unconstrained, z, se), "scale": p.scale})
+    k = problem.n_random
+    chol = np.asarray(problem.cholesky(theta)) if k else np.zeros((0, 0))
+    omega = chol @ chol.T
+    for j, name in enumerate(hierarchy.random):
+        p = space[name]
+        mu = float(theta["mean"][j])
+        se = se_flat[offsets["mean"] + j]
+        rows.append({"parameter": name, "kind": "mean", "estimate": float(p.from_scaled(mu)),
+                     "se": _delta_se(p.from_scaled, mu, se), "scale": p.scale})
+        rows.append({"parameter": name, "kind": "mean_scaled", "estimate": mu, "se": se,
+                     "scale": p.scale})
+    if k:
+        sd = np.sqrt(np.diag(omega))
+        for j, name in enumerate(hierarchy.random):
+            log_sd = float(theta["omega"][j])
+            se = se_flat[offsets["omega"] + j]
+            # For a full Ω the sd also depends on the off-diagonal entries of L.
+            rows.append({"parameter": name, "kind": "sd", "estimate": float(sd[j]),
+                         "se": _delta_se(jnp.exp, log_sd, se)
+                         if isinstance(hierarchy.covariance, DiagonalCovariance) else np.nan,
+                         "scale": space[name].scale})
+    if "strength" in theta:
+        log_strength = float(theta["strength"])
+        se = se_flat[offsets["strength"]]
+        rows.append({"parameter": "penalty", "kind": "strength",
+                     "estimate": math.exp(log_strength),
+                     "se": _delta_se(jnp.exp, log_strength, se), "scale": "log"})
+    population = pd.DataFrame(rows, columns=["parameter", "kind", "estimate", "se", "scale"])
+
+    u = np.asarray(h.inner_solution)
+    params = jax.vmap(problem.params, in_axes=(0, None))(jnp.asarray(u), theta)
+    individual = pd.DataFrame({"individual": list(data.individuals)})
+    for name in [*hierarchy.random, *hierarchy.fixed, *hierarchy.individual]:
+        individual[name] = np.asarray(params[name])
+    individual["stationarity"] = np.asarray(h.stationarity)
+    individual["status"] = [result_name(c) for c in np.asarray(h.result)]
+    individual["outer_loss"] = np.asarray(h.outer_loss)
+    eta = u[:, :k]
+    shrinkage = {}
+    if k:
+        sd = np.sqrt(np.diag(omega))
+        for j, name in enumerate(hierarchy.random):
+            shrinkage[name] = float(1 - np.std(eta[:, j], ddof=1) / sd[j]) if len(u) > 1 \
+                else math.nan
+    value = float(final.value)
+    laplace = isinstance(problem.outer, Laplace)
+    m = flat.size
+    return PopulationResult(
+        theta=theta,
+        covariance_theta=covariance,
+        population=population,
+        individual=individual,
+        eta=eta,
+        shrinkage=shrinkage,
+        omega=omega,
+        history=pd.DataFrame(history),
+        objective=value,
+        minus_two_log_likelihood=2 * value if laplace else None,
+        aic=2 * value + 2 * m if laplace else None,
+        bic=2 * value + m * math.log(n_observations) if laplace else None,
+        converged=converged,
+        outer_steps=steps,
+        hypergradients=h,
+        inner_solutions=u,
+    )

@@ -1,0 +1,180 @@
+"""Population calibration: recovery of known population parameters, and the outer
+hypergradient against finite differences and unrolled-to-convergence differentiation.
+
+The synthetic population: the reference model x' = -x + p u(t), x(0) = q with
+log p_i = log 1.5 + η_i, η_i ~ N(0, 0.3²), N = 50 individuals, 20 measurements each
+(σ = 0.05), and a shared initial condition q = 2 (or, in the second scenario, a
+population-distributed one).
+"""
+
+import functools
+import math
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import calibrate as cal
+from helpers import relative_error
+
+
+REFERENCE = cal.zoo_module("reference")
+MODEL = REFERENCE.MODEL()
+N = 50
+TIMES = REFERENCE.OBSERVATION_TIMES[::2]
+INTEGRATOR = cal.Integrator(rtol=1e-8, atol=1e-10)
+TRUE_MEAN, TRUE_SD, TRUE_Q = math.log(1.5), 0.3, 2.0
+SHARED_Q = cal.Hierarchy(random=["p"], fixed=["q"])
+START = {"p": 1.0, "q": 1.0}
+
+
+@functools.cache
+def shared_q_data():
+    eta = TRUE_SD * np.random.default_rng(0).normal(size=N)
+    params = [{"p": 1.5 * float(np.exp(e)), "q": TRUE_Q} for e in eta]
+    return cal.synthetic_dataset(MODEL, params, TIMES, key=jax.random.key(1)), eta
+
+
+@functools.cache
+def shared_q_result():
+    data, _ = shared_q_data()
+    return cal.calibrate_population(MODEL, data, hierarchy=SHARED_Q, start=START,
+                                    integrator=INTEGRATOR)
+
+
+def _within(result, name, kind, truth, n_se=3.0):
+    rows = result.population
+    row = rows[(rows.parameter == name) & (rows.kind == kind)].iloc[0]
+    assert np.isfinite(row.se) and row.se > 0
+    assert abs(row.estimate - truth) < n_se * row.se, (name, kind, row.estimate, truth, row.se)
+    return row
+
+
+def test_laplace_recovers_shared_initial_condition_and_lognormal_gain():
+    result = shared_q_result()
+    data, eta = shared_q_data()
+    assert result.converged
+    assert (result.individual.status == "successful").all()
+    _within(result, "q", "fixed", TRUE_Q)
+    mean = _within(result, "p", "mean_scaled", TRUE_MEAN)
+    sd = _within(result, "p", "sd", TRUE_SD)
+    # The standard errors are the ones N individuals allow: ω/√N and ω/√(2N).
+    assert mean.se == pytest.approx(TRUE_SD / math.sqrt(N), rel=0.35)
+    assert sd.se == pytest.approx(TRUE_SD / math.sqrt(2 * N), rel=0.35)
+    # Twenty precise measurements per individual: little shrinkage, and the
+    # individual gains follow the truth.
+    assert abs(result.shrinkage["p"]) < 0.1
+    fitted = np.log(result.individual.p.to_numpy())
+    assert np.corrcoef(fitted, TRUE_MEAN + eta)[0, 1] > 0.99
+    m = 3  # q, μ_p, log ω_p
+    n_obs = N * len(TIMES)
+    assert result.minus_two_log_likelihood == pytest.approx(2 * result.objective)
+    assert result.aic == pytest.approx(result.minus_two_log_likelihood + 2 * m)
+    assert result.bic == pytest.approx(result.minus_two_log_likelihood + m * math.log(n_obs))
+    assert result.history.objective.iloc[-1] <= result.history.objective.iloc[0]
+
+
+def _gain_curvature_bound(setup, theta, starts):
+    """max_i ∂²L_in/∂η² for the reference model: Σ_t (p_i a(t)/σ)² + 1/ω², a(t) =
+    x(t; p=1, q=0), since ∂x/∂η = p a(t) when log p = μ + η."""
+    a = REFERENCE.closed_form(TIMES, 1.0, 0.0)
+    p = jnp.exp(theta["mean"][0] + starts[:, 0])
+    sd = jnp.exp(theta["omega"][0])
+    return float(jnp.max(p**2) * jnp.sum(a**2) / 0.05**2 + 1 / sd**2)
+
+
+def test_laplace_hypergradient_agrees_with_finite_differences_and_unrolled():
+    data, _ = shared_q_data()
+    setup = cal.population_setup(MODEL, data, hierarchy=SHARED_Q, start=START,
+                                 integrator=INTEGRATOR)
+    # Away from the optimum, inner fits converged.
+    theta = {"fixed": setup.theta["fixed"] + 0.4, "mean": jnp.array([0.3]),
+             "omega": jnp.log(jnp.array([0.4]))}
+    method = cal.Implicit(curvature=cal.ForwardHessian())
+    starts = setup.converge_inner(method, theta, setup.starts)
+    implicit = setup.evaluate(method, theta, starts)
+    assert np.all(np.asarray(implicit.hypergradients.result) == 0)
+    gradient = np.asarray(jax.flatten_util.ravel_pytree(implicit.gradient)[0])
+    assert np.linalg.norm(gradient) > 10.0  # far from stationary: the check has teeth
+
+    fd = setup.evaluate(cal.FiniteDifferences(step=1e-3), theta, starts)
+    fd_gradient = np.asarray(jax.flatten_util.ravel_pytree(fd.gradient)[0])
+    assert relative_error(gradient, fd_gradient) < 1e-4
+
+    # Unrolled gradient descent from the cold start, run to convergence.
+    rate = 0.9 / _gain_curvature_bound(setup, theta, starts)
+    unrolled = setup.evaluate(cal.Unrolled(cal.GradientDescent(rate), steps=150), theta,
+                              setup.starts)
+    unrolled_gradient = np.asarray(jax.flatten_util.ravel_pytree(unrolled.gradient)[0])
+    assert relative_error(gradient, unrolled_gradient) < 1e-4
+
+
+@pytest.mark.slow
+def test_validation_loss_hypergradient_for_a_penalty_strength():
+    data, _ = shared_q_data()
+    hierarchy = cal.Hierarchy(random=["p"], fixed=["q"], penalty=cal.L2())
+    # Tight solves: finite differences see the solver's noise divided by the step.
+    setup = cal.population_setup(
+        MODEL, data, hierarchy=hierarchy, objective=cal.ValidationLoss(0.25, seed=2),
+        start=START, integrator=cal.Integrator(rtol=1e-10, atol=1e-12),
+    )
+    train, held_out, _ = setup.batch
+    assert not np.any(np.asarray(train.mask) & np.asarray(held_out.mask))
+    assert np.asarray(held_out.mask).sum(axis=(1, 2)).min() >= 1
+    theta = {**setup.theta, "fixed": setup.theta["fixed"] + 0.4, "strength": jnp.array(2.0)}
+    method = cal.Implicit(curvature=cal.ForwardHessian())
+    starts = setup.converge_inner(method, theta, setup.starts)
+    implicit = setup.evaluate(method, theta, starts)
+    fd = setup.evaluate(cal.FiniteDifferences(step=1e-3), theta, starts)
+    flat = lambda g: np.asarray(jax.flatten_util.ravel_pytree(g)[0])
+    assert relative_error(flat(implicit.gradient), flat(fd.gradient)) < 1e-4
+    assert abs(float(implicit.gradient["strength"])) > 0.1
+    assert float(implicit.gradient["strength"]) == pytest.approx(
+        float(fd.gradient["strength"]), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"hierarchy": cal.Hierarchy(random=["k_typo"])}, cal.ParameterError, "k_typo"),
+        ({"hierarchy": cal.Hierarchy(random=["p"], penalty=cal.L2())}, ValueError,
+         "ValidationLoss"),
+        ({"hierarchy": SHARED_Q, "sensitivity": cal.DiscreteAdjoint()}, ValueError,
+         "DiscreteAdjoint"),
+        ({"hierarchy": SHARED_Q, "hypergradient": cal.Implicit()}, ValueError, "ForwardMode"),
+    ],
+    ids=["unknown-parameter", "penalty-without-holdout", "laplace-first-order-only",
+         "exact-hessian-forward-mode"],
+)
+def test_bad_specifications_are_refused_before_any_solve(kwargs, error, match):
+    data, _ = shared_q_data()
+    with pytest.raises(error, match=match):
+        cal.calibrate_population(MODEL, data, **kwargs)
+
+
+def test_hierarchy_rejects_a_parameter_with_two_roles():
+    with pytest.raises(cal.ParameterError, match="more than one role: p"):
+        cal.Hierarchy(random=["p"], fixed=["p"])
+
+
+@pytest.mark.slow
+def test_laplace_recovers_population_distributed_initial_condition_with_full_covariance():
+    rng = np.random.default_rng(5)
+    cov = np.array([[0.3**2, 0.5 * 0.3 * 0.2], [0.5 * 0.3 * 0.2, 0.2**2]])
+    eta = rng.multivariate_normal(np.zeros(2), cov, size=N)
+    params = [{"p": 1.5 * float(np.exp(e[0])), "q": TRUE_Q + float(e[1])} for e in eta]
+    data = cal.synthetic_dataset(MODEL, params, TIMES, key=jax.random.key(4))
+    result = cal.calibrate_population(
+        MODEL, data, hierarchy=cal.Hierarchy(random=["p", "q"],
+                                             covariance=cal.FullCovariance()),
+        start=START, start_sd={"p": 0.3, "q": 0.3}, integrator=INTEGRATOR,
+    )
+    assert result.converged
+    _within(result, "p", "mean_scaled", TRUE_MEAN)
+    _within(result, "q", "mean", TRUE_Q)
+    sd = np.sqrt(np.diag(result.omega))
+    assert sd == pytest.approx([0.3, 0.2], rel=0.3)
+    correlation = result.omega[0, 1] / (sd[0] * sd[1])
+    assert abs(correlation - 0.5) < 0.35
