@@ -98,7 +98,10 @@ NUMPY_MODELS: dict[str, NumpyModel] = {
     ),
     "mapk_cascade": NumpyModel(
         rhs=_mapk_rhs,
-        initial_state=lambda p: np.array([1.0, 0, 1, 0, 1, 0, 1, 0, 0]),
+        initial_state=lambda p: np.array(
+            [1.0, 0, 1 - p["RAFp0"], p["RAFp0"], 1 - p["MEKp0"], p["MEKp0"],
+             1 - p["ERKp0"], p["ERKp0"], 0]
+        ),
         observe=lambda t, x, p: np.stack([x[3], x[5], x[7], x[8]]),
     ),
 }

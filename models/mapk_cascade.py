@@ -38,6 +38,14 @@ class MAPKCascade(cal.AbstractODEModel):
         _rate("k8", 100.0, "ERK deactivation"),
         _rate("k9", 0.5, "feedback synthesis"),
         _rate("k10", 0.05, "feedback degradation"),
+        # Basal phosphorylation at t = 0 (fractions of each total): zero unless a
+        # population model learns them.
+        cal.Parameter("RAFp0", 0.0, 0.0, 0.9, estimate=False,
+                      description="initial active RAF fraction"),
+        cal.Parameter("MEKp0", 0.0, 0.0, 0.9, estimate=False,
+                      description="initial active MEK fraction"),
+        cal.Parameter("ERKp0", 0.0, 0.0, 0.9, estimate=False,
+                      description="initial active ERK fraction"),
     )
     observables = (
         cal.Observable("RAFp", cal.Gaussian(0.01), "active RAF (fraction)"),
@@ -72,9 +80,10 @@ class MAPKCascade(cal.AbstractODEModel):
         )
 
     def initial_state(self, params):
-        one = jnp.ones_like(params["k1"])
+        raf, mek, erk = params["RAFp0"], params["MEKp0"], params["ERKp0"]
+        one = jnp.ones_like(raf)
         zero = jnp.zeros_like(one)
-        return jnp.stack([one, zero, one, zero, one, zero, one, zero, zero])
+        return jnp.stack([one, zero, 1 - raf, raf, 1 - mek, mek, 1 - erk, erk, zero])
 
     def observe(self, t, x, params):
         return jnp.stack([x[3], x[5], x[7], x[8]])
@@ -94,9 +103,11 @@ OBSERVATION_TIMES = jnp.concatenate(
 def synthetic_data(key, n_individuals=1, variability=0.0):
     """Noisy RAFp, MEKp, ERKp, F; `variability` is the sd of log-normal rates."""
     keys = jax.random.split(key, 2)
-    eta = variability * jax.random.normal(keys[0], (n_individuals, 10))
+    rates = [n for n in TRUE_PARAMETERS if n.startswith("k")]
+    eta = variability * jax.random.normal(keys[0], (n_individuals, len(rates)))
     params = [
-        {n: v * float(jnp.exp(e[j])) for j, (n, v) in enumerate(TRUE_PARAMETERS.items())}
+        {**TRUE_PARAMETERS, **{n: TRUE_PARAMETERS[n] * float(jnp.exp(e[j]))
+                               for j, n in enumerate(rates)}}
         for e in eta
     ]
     return cal.synthetic_dataset(MODEL(), params, OBSERVATION_TIMES, key=keys[1])

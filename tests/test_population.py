@@ -178,3 +178,30 @@ def test_laplace_recovers_population_distributed_initial_condition_with_full_cov
     assert sd == pytest.approx([0.3, 0.2], rel=0.3)
     correlation = result.omega[0, 1] / (sd[0] * sd[1])
     assert abs(correlation - 0.5) < 0.35
+
+
+@pytest.mark.slow
+def test_laplace_recovers_cascade_population_with_shared_basal_phosphorylation():
+    """The stiff cascade: log10 k3, log10 k5 population-distributed (sd 0.1, i.e.
+    about 25 %), basal active ERK at t = 0 shared (0.1), N = 50."""
+    cascade = cal.zoo_module("mapk_cascade")
+    model = cascade.MODEL()
+    truth = dict(cascade.TRUE_PARAMETERS, ERKp0=0.1)
+    eta = 0.1 * np.random.default_rng(7).normal(size=(N, 2))
+    params = [dict(truth, k3=truth["k3"] * 10 ** e[0], k5=truth["k5"] * 10 ** e[1])
+              for e in eta]
+    data = cal.synthetic_dataset(model, params, cascade.OBSERVATION_TIMES,
+                                 key=jax.random.key(8))
+    result = cal.calibrate_population(
+        model, data,
+        hierarchy=cal.Hierarchy(random=["k3", "k5"], fixed=["ERKp0"]),
+        start={"k3": 2 * truth["k3"], "k5": 0.5 * truth["k5"], "ERKp0": 0.05},
+        start_sd=0.2,
+    )
+    assert result.converged
+    assert (result.individual.status == "successful").mean() > 0.95
+    _within(result, "ERKp0", "fixed", 0.1)
+    _within(result, "k3", "mean_scaled", math.log10(truth["k3"]))
+    _within(result, "k5", "mean_scaled", math.log10(truth["k5"]))
+    _within(result, "k3", "sd", 0.1)
+    _within(result, "k5", "sd", 0.1)
