@@ -116,7 +116,6 @@ def measure(n, strategies, repeats, seed, queue):
         import jax.numpy as jnp
 
         import calibrate as cal
-        from calibrate._hypergrad import solve_inner  # noqa: F401 (import cost up front)
 
         model, data, truth, start = _problem(n, seed)
         hierarchy = cal.Hierarchy(random=RANDOM, fixed=FIXED)

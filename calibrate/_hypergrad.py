@@ -53,6 +53,7 @@ from ._sensitivity import (
     REVERSE_OVER_REVERSE,
     AbstractSensitivity,
     DirectDifferentiation,
+    nested_mode,
 )
 
 
@@ -648,7 +649,7 @@ class Unrolled(AbstractHypergradient):
     steps: int = eqx.field(static=True, default=100)
 
     def missing(self, sensitivity):
-        need = FORWARD_OVER_FORWARD if sensitivity.mode == "forward" else REVERSE_OVER_REVERSE
+        need = nested_mode(sensitivity)
         if need not in sensitivity.second_order:
             return (
                 f"Unrolled needs {need} derivatives through the inner loss, which "

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -60,8 +60,8 @@ from ._model import AbstractODEModel
 from ._objective import Objective
 from ._parameters import ParameterError
 from ._penalty import L2, AbstractPenalty
-from ._results import RESULTS, result_name
-from ._sensitivity import FORWARD_OVER_FORWARD, REVERSE_OVER_REVERSE, AbstractSensitivity, ForwardMode
+from ._results import result_name
+from ._sensitivity import AbstractSensitivity, ForwardMode, nested_mode
 from ._simulate import Integrator
 
 
@@ -162,7 +162,7 @@ class AbstractPopulationObjective(eqx.Module):
     def missing(self, sensitivity: AbstractSensitivity) -> str | None:
         if not self.needs_second_order:
             return None
-        need = FORWARD_OVER_FORWARD if sensitivity.mode == "forward" else REVERSE_OVER_REVERSE
+        need = nested_mode(sensitivity)
         if need not in sensitivity.second_order:
             return (
                 f"{type(self).__name__} differentiates the Jacobian of the residuals, which "

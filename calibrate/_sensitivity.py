@@ -30,6 +30,11 @@ REVERSE_OVER_REVERSE = "reverse-over-reverse"
 ALL_SECOND_ORDER = frozenset({FORWARD_OVER_FORWARD, FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE})
 
 
+def nested_mode(sensitivity: "AbstractSensitivity") -> str:
+    """How a derivative of a derivative is taken in `sensitivity`'s own mode."""
+    return FORWARD_OVER_FORWARD if sensitivity.mode == "forward" else REVERSE_OVER_REVERSE
+
+
 class AbstractSensitivity(eqx.Module):
     """How gradients are computed through `diffrax.diffeqsolve`.
 

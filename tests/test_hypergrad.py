@@ -10,6 +10,7 @@ Problems:
 """
 
 import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,6 @@ import pytest
 
 import calibrate as cal
 from calibrate._data import Measurements
-from helpers import relative_error
 
 
 # ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import calibrate as cal
@@ -74,6 +75,19 @@ def test_laplace_recovers_shared_initial_condition_and_lognormal_gain():
     assert result.aic == pytest.approx(result.minus_two_log_likelihood + 2 * m)
     assert result.bic == pytest.approx(result.minus_two_log_likelihood + m * math.log(n_obs))
     assert result.history.objective.iloc[-1] <= result.history.objective.iloc[0]
+
+
+def test_optax_outer_optimiser_descends():
+    # Same problem and compiled evaluation as the recovery test, driven by Adam.
+    data, _ = shared_q_data()
+    result = cal.calibrate_population(
+        MODEL, data, hierarchy=SHARED_Q, start=START, integrator=INTEGRATOR,
+        outer=cal.FirstOrder(optax.adam(0.1), steps=6), standard_errors=False,
+    )
+    objective = result.history.objective.to_numpy()
+    assert len(objective) == 6 and not result.converged
+    assert objective[-1] < objective[0] - 100.0
+    assert np.all(np.isnan(result.population.se))
 
 
 def _gain_curvature_bound(setup, theta, starts):
