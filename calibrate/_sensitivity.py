@@ -4,13 +4,15 @@ r"""Sensitivity methods: how derivatives of a loss are taken through the ODE sol
 |---|---|---|---|
 | `ForwardMode` | `ForwardMode` | forward (and forward-over-forward) | ~ one solve carrying $n_p$ tangents |
 | `DiscreteAdjoint` | `RecursiveCheckpointAdjoint` | reverse (first order only) | ~ 3 solves, memory $O(\log n_{steps})$ |
-| `ContinuousAdjoint` | `BacksolveAdjoint` | reverse (first order only) | one forward + one backward adjoint ODE |
+| `ContinuousAdjoint` | `InterpolatedAdjoint` (`_adjoint.py`) | reverse (first order only) | ~ 2 forward solves + 1 backward adjoint ODE, memory $O(n_{steps})$ |
 | `DirectDifferentiation` | `DirectAdjoint` | all orders, forward and reverse | slowest; needed for exact second order |
 
 Discrete methods differentiate the solver's own arithmetic (exact gradient of the
 computed loss). The continuous adjoint solves the adjoint ODE
-$\dot\lambda = -(\partial f/\partial x)^\top \lambda$ backwards and is exact only up
-to the solver tolerance.
+$\dot\lambda = -(\partial f/\partial x)^\top \lambda$,
+$\dot\mu = -(\partial f/\partial p)^\top \lambda$ backwards with its own solver
+(against the dense forward solution, see `_adjoint.py`) and is exact only up to the
+solver tolerance.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+
+from ._adjoint import AdjointStageRoot, InterpolatedAdjoint
 
 
 FORWARD_OVER_FORWARD = "forward-over-forward"
@@ -122,20 +126,25 @@ class DiscreteAdjoint(AbstractSensitivity):
 
 
 class ContinuousAdjoint(AbstractSensitivity):
-    """Backsolve adjoint: integrate the adjoint ODE backwards in time (memory O(1)).
+    r"""Continuous adjoint: integrate the adjoint ODE backwards in time.
 
-    Exact only to the solver tolerance. The backward solve uses `backward_solver`
-    (stiff-safe `Kvaerno3` by default; the forward solver's chord-Newton settings make
-    the augmented backward system slow to compile and unreliable). A failed backward
-    solve is never a silent wrong gradient: it gives NaN (under the `EQX_ON_ERROR=nan`
-    that `calibrate` sets by default) or raises (with `EQX_ON_ERROR=raise`). The stiff
-    `mapk_cascade` fails this way: use `ForwardMode` or `DiscreteAdjoint` there.
+    $\dot\lambda = -(\partial f/\partial x)^\top\lambda$ and
+    $\dot\mu = -(\partial f/\partial p)^\top\lambda$ run from the last observation
+    back to $t_0$, with $x(t)$ read from a dense forward solve rather than re-integrated
+    backwards (which is unstable for stiff dissipative models such as `mapk_cascade`);
+    see `InterpolatedAdjoint`. Exact only to the solver tolerance; memory grows with the
+    number of forward steps.
+
+    `backward_solver` integrates the adjoint system, which is as stiff as the model: the
+    default is `Kvaerno5` with `AdjointStageRoot`, which solves its (linear) stage
+    equations exactly in one step. A failed backward solve is never a silent wrong
+    gradient: it gives NaN, for the failing individual only under `vmap`.
     """
 
-    backward_solver: dfx.AbstractSolver = dfx.Kvaerno3()
+    backward_solver: dfx.AbstractSolver = dfx.Kvaerno5(root_finder=AdjointStageRoot())
 
     def adjoint(self):
-        return dfx.BacksolveAdjoint(solver=self.backward_solver, throw=True)
+        return InterpolatedAdjoint(solver=self.backward_solver)
 
     @property
     def mode(self):

@@ -60,15 +60,6 @@ def _cases():
             marks = []
             if name == "mapk_cascade" and method == "direct":
                 marks = [pytest.mark.slow]  # minutes to compile/run on 2 cores
-            if name == "mapk_cascade" and method == "continuous_adjoint":
-                marks = [
-                    pytest.mark.slow,
-                    pytest.mark.xfail(
-                        strict=True,
-                        reason="the backsolve adjoint of the stiff cascade runs out of "
-                        "steps and returns NaN (known limitation, see README)",
-                    ),
-                ]
             yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
 
 
@@ -83,8 +74,7 @@ def test_gradient_matches_finite_differences(name, method):
 @pytest.mark.parametrize("name", MODELS)
 def test_methods_agree_with_each_other(name):
     reference_value, reference = gradient(name, "forward")
-    methods = ["discrete_adjoint"] + (["continuous_adjoint"] if name != "mapk_cascade" else [])
-    for method in methods:
+    for method in ("discrete_adjoint", "continuous_adjoint"):
         value, grad = gradient(name, method)
         assert value == pytest.approx(reference_value, rel=1e-12)
         # Discrete methods differentiate the same arithmetic; the continuous adjoint
