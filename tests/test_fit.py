@@ -94,6 +94,7 @@ class Oscillator(cal.AbstractODEModel):
         return x[:1]
 
 
+@pytest.mark.slow  # ~2 min on 2 cores (32 starts of an oscillator); keeps the default suite < 15 min
 def test_multistart_finds_global_optimum_where_a_bad_start_does_not():
     model = Oscillator()
     data = cal.synthetic_dataset(
