@@ -135,28 +135,37 @@ class FitResult(eqx.Module):
         }
 
 
-def _solve_one(objective: Objective, solver, z0, data: Measurements, inputs, max_steps):
+def solve_optimum(solver, x0, args, *, sensitivity: AbstractSensitivity, max_steps: int,
+                  residuals=None, loss=None, what: str = "solver"):
+    """Minimise with optimistix, never raising: a least-squares `solver` on
+    `residuals(x, args)`, or a minimiser on the scalar `loss(x, args)` with its gradient
+    taken in the sensitivity's mode. Returns `(x*, result code, steps)`."""
     if isinstance(solver, optx.AbstractLeastSquaresSolver):
-        residual = lambda z, args: objective.residuals(z, *args)[0]
-        jac = "fwd" if objective.sensitivity.mode == "forward" else "bwd"
+        if residuals is None:
+            raise ValueError(f"a least-squares {what} needs residuals")
         solution = optx.least_squares(
-            residual, solver, z0, args=(data, inputs), max_steps=max_steps, throw=False,
-            options={"jac": jac},
+            residuals, solver, x0, args=args, max_steps=max_steps, throw=False,
+            options={"jac": "fwd" if sensitivity.mode == "forward" else "bwd"},
         )
     elif isinstance(solver, optx.AbstractMinimiser):
-        nll = objective.sensitivity.reverse_differentiable(
-            lambda z, data, inputs: objective.negative_log_likelihood(z, data, inputs)[0]
-        )
         solution = optx.minimise(
-            lambda z, args: nll(z, *args), solver, z0, args=(data, inputs),
+            sensitivity.reverse_differentiable(loss), solver, x0, args=args,
             max_steps=max_steps, throw=False,
         )
     else:
         raise TypeError(
-            f"solver must be an optimistix least-squares solver or minimiser, got "
+            f"{what} must be an optimistix least-squares solver or minimiser, got "
             f"{type(solver).__name__}"
         )
     return solution.value, solution.result._value, solution.stats["num_steps"]
+
+
+def _solve_one(objective: Objective, solver, z0, data: Measurements, inputs, max_steps):
+    return solve_optimum(
+        solver, z0, (data, inputs), sensitivity=objective.sensitivity, max_steps=max_steps,
+        residuals=lambda z, args: objective.residuals(z, *args)[0],
+        loss=lambda z, args: objective.negative_log_likelihood(z, *args)[0],
+    )
 
 
 def _diagnose(objective: Objective, z, data, inputs, solver_result):

@@ -46,6 +46,7 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
+from ._fit import solve_optimum
 from ._results import RESULTS, result_message, result_name
 from ._sensitivity import (
     FORWARD_OVER_FORWARD,
@@ -119,57 +120,17 @@ class BilevelProblem(eqx.Module):
         return optx.BFGS(rtol=1e-10, atol=1e-10)
 
 
-# ---------------------------------------------------------------------------------
-# Derivatives in the mode the sensitivity supports
-
-
-def _gradient(sensitivity: AbstractSensitivity, fn, argnum: int):
-    """Gradient of scalar `fn` w.r.t. argument `argnum`, in the sensitivity's mode."""
-    if sensitivity.mode == "forward":
-        return jax.jacfwd(fn, argnum)
-    return jax.grad(fn, argnum)
-
-
-def _value_and_gradient(sensitivity: AbstractSensitivity, fn, argnums):
-    """`(fn, ∇fn)` w.r.t. `argnums` from one pass, in the sensitivity's mode."""
-    if sensitivity.mode == "forward":
-        def both(*args):
-            grad, value = jax.jacfwd(lambda *a: (fn(*a),) * 2, argnums, has_aux=True)(*args)
-            return value, grad
-        return both
-    return jax.value_and_grad(fn, argnums)
-
-
-def _jacobian(sensitivity: AbstractSensitivity, fn, argnums):
-    if sensitivity.mode == "forward":
-        return jax.jacfwd(fn, argnums)
-    return jax.jacrev(fn, argnums)
-
-
 def solve_inner(problem: BilevelProblem, theta, args, start) -> tuple[Array, Array, Array]:
     """$p^*(\\theta)$ from `start`: `(p*, optimistix result code, steps)`. Never raises."""
-    solver = problem.solver()
-    sensitivity = problem.sensitivity
-    if isinstance(solver, optx.AbstractLeastSquaresSolver):
-        if problem.inner_residuals is None:
-            raise ValueError("a least-squares inner solver needs `inner_residuals`")
-        solution = optx.least_squares(
-            lambda p, a: problem.inner_residuals(p, theta, a), solver, start, args=args,
-            max_steps=problem.inner_max_steps, throw=False,
-            options={"jac": "fwd" if sensitivity.mode == "forward" else "bwd"},
-        )
-    elif isinstance(solver, optx.AbstractMinimiser):
-        loss = sensitivity.reverse_differentiable(lambda p, th, a: problem.inner(p, th, a))
-        solution = optx.minimise(
-            lambda p, a: loss(p, theta, a), solver, start, args=args,
-            max_steps=problem.inner_max_steps, throw=False,
-        )
-    else:
-        raise TypeError(
-            "inner_solver must be an optimistix minimiser or least-squares solver, got "
-            f"{type(solver).__name__}"
-        )
-    return solution.value, solution.result._value, solution.stats["num_steps"]
+    residuals = problem.inner_residuals
+    # θ travels with the arguments (not in a closure) so the minimiser's custom VJP
+    # never closes over a traced value.
+    return solve_optimum(
+        problem.solver(), start, (theta, args), sensitivity=problem.sensitivity,
+        max_steps=problem.inner_max_steps, what="inner_solver",
+        residuals=None if residuals is None else (lambda p, a: residuals(p, *a)),
+        loss=lambda p, a: problem.inner(p, *a),
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -248,7 +209,7 @@ class GaussNewton(AbstractCurvature):
             raise ValueError("GaussNewton needs a problem with `inner_residuals`")
         residuals = lambda q, th: problem.inner_residuals(q, th, args)
         r = residuals(p, theta)
-        jac_p, jac_theta = _jacobian(problem.sensitivity, residuals, (0, 1))(p, theta)
+        jac_p, jac_theta = problem.sensitivity.jacobian_fn(residuals, (0, 1))(p, theta)
         hessian = jac_p.T @ jac_p
         mixed_vjp = lambda z: jax.tree.map(
             lambda j: jnp.tensordot(jac_p @ z, j, axes=1), jac_theta
@@ -515,8 +476,8 @@ class Implicit(AbstractHypergradient):
         """The hypergradient given the inner optimum $p^*$ (no inner solve)."""
         sensitivity = problem.sensitivity
         outer = lambda q, th: problem.outer_loss(q, th, args)
-        outer_value, (grad_p_outer, grad_theta_outer) = _value_and_gradient(
-            sensitivity, outer, (0, 1)
+        outer_value, (grad_p_outer, grad_theta_outer) = sensitivity.value_and_grad_fn(
+            outer, (0, 1)
         )(p, theta)
         lin = self.curvature.linearise(problem, p, theta, args)
         z, info = self.linear_solver.solve(lin, grad_p_outer)
@@ -662,7 +623,7 @@ class Unrolled(AbstractHypergradient):
 
         def final_loss(theta, optimiser):
             transformation = optimiser.transformation()
-            grad_p = _gradient(sensitivity, problem.inner, 0)
+            grad_p = sensitivity.grad_fn(problem.inner)
 
             def step(carry, _):
                 p, state = carry
@@ -678,7 +639,7 @@ class Unrolled(AbstractHypergradient):
         (grad_theta, grad_optimiser), (value, p) = differentiate(
             final_loss, (0, 1), has_aux=True
         )(theta, self.optimiser)
-        gradient_norm = jnp.linalg.norm(_gradient(sensitivity, problem.inner, 0)(p, theta, args))
+        gradient_norm = jnp.linalg.norm(sensitivity.grad_fn(problem.inner)(p, theta, args))
         return Hypergradient(
             value=grad_theta,
             outer_loss=value,
@@ -739,6 +700,16 @@ class FiniteDifferences(AbstractHypergradient):
         )
 
 
+def numbers_as_arrays(tree):
+    """Python numbers in `tree` as arrays, so that `filter_jit` traces them and a new
+    hyperparameter value does not recompile."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, float | int) and not isinstance(x, bool)
+        else x,
+        tree,
+    )
+
+
 @eqx.filter_jit
 def _compute(method, problem, theta, args, start):
     return method.compute(problem, theta, args, start)
@@ -761,12 +732,7 @@ def hypergradient(
     returned `Hypergradient` carries the diagnostics either way.
     """
     check_supported(method, problem.sensitivity)
-    # Numbers become arrays so that a new hyperparameter value does not recompile.
-    method = jax.tree.map(
-        lambda x: jnp.asarray(x) if isinstance(x, float | int) and not isinstance(x, bool)
-        else x,
-        method,
-    )
+    method = numbers_as_arrays(method)
     theta = jax.tree.map(jnp.asarray, theta)
     start = jnp.asarray(start, float)
     if start.ndim != 1:

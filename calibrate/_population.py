@@ -55,6 +55,7 @@ from ._hypergrad import (
     Hypergradient,
     Implicit,
     check_supported,
+    numbers_as_arrays,
 )
 from ._model import AbstractODEModel
 from ._objective import Objective
@@ -554,10 +555,7 @@ class PopulationSetup(eqx.Module):
 
     def evaluate(self, method: AbstractHypergradient, theta, starts) -> _Evaluation:
         """Outer objective, its gradient and every individual's hypergradient."""
-        method = jax.tree.map(
-            lambda x: jnp.asarray(x) if isinstance(x, float) else x, method
-        )
-        return _evaluate(method, self.bilevel, theta, starts, self.batch)
+        return _evaluate(numbers_as_arrays(method), self.bilevel, theta, starts, self.batch)
 
     def converge_inner(self, method: AbstractHypergradient, theta, starts, rounds: int = 4):
         """Re-run the inner fits from their own solutions (up to `rounds` times) until

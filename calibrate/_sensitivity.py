@@ -58,17 +58,33 @@ class AbstractSensitivity(eqx.Module):
     def mode(self) -> Literal["forward", "reverse"]:
         """The derivative mode this strategy supports through the solve."""
 
+    def grad_fn(self, fn, argnums=0):
+        """`∇fn` w.r.t. `argnums` for scalar `fn`, in this strategy's mode."""
+        return jax.jacfwd(fn, argnums) if self.mode == "forward" else jax.grad(fn, argnums)
+
+    def value_and_grad_fn(self, fn, argnums=0):
+        """`(fn, ∇fn)` w.r.t. `argnums` for scalar `fn`, from one pass in this mode."""
+        if self.mode == "reverse":
+            return jax.value_and_grad(fn, argnums)
+
+        def both(*args):
+            grad, value = jax.jacfwd(lambda *a: (fn(*a),) * 2, argnums, has_aux=True)(*args)
+            return value, grad
+
+        return both
+
+    def jacobian_fn(self, fn, argnums=0, has_aux: bool = False):
+        """Jacobian of a vector-valued `fn` w.r.t. `argnums`, in this strategy's mode."""
+        jacobian = jax.jacfwd if self.mode == "forward" else jax.jacrev
+        return jacobian(fn, argnums, has_aux=has_aux)
+
     def value_and_grad(self, fn, x, *args):
         """`(fn(x, *args), ∇_x fn(x, *args))` for scalar `fn`, in this strategy's mode."""
-        if self.mode == "forward":
-            grad, value = jax.jacfwd(lambda y: (fn(y, *args),) * 2, has_aux=True)(x)
-            return value, grad
-        return jax.value_and_grad(fn)(x, *args)
+        return self.value_and_grad_fn(fn)(x, *args)
 
     def jacobian(self, fn, x, *args, has_aux: bool = False):
         """Jacobian of a vector-valued `fn` in this strategy's mode."""
-        jacobian = jax.jacfwd if self.mode == "forward" else jax.jacrev
-        return jacobian(fn, has_aux=has_aux)(x, *args)
+        return self.jacobian_fn(fn, has_aux=has_aux)(x, *args)
 
     def reverse_differentiable(self, fn):
         """Wrap scalar `fn(x, *args)` so `jax.grad` gives this strategy's gradient.
