@@ -74,10 +74,6 @@ class AbstractCovariance(eqx.Module):
     """How $\\Omega = LL^\\top$ is parametrised by an unconstrained vector."""
 
     @abc.abstractmethod
-    def size(self, k: int) -> int:
-        ...
-
-    @abc.abstractmethod
     def cholesky(self, vector: Float[Array, " m"], k: int) -> Float[Array, "k k"]:
         ...
 
@@ -89,9 +85,6 @@ class AbstractCovariance(eqx.Module):
 class DiagonalCovariance(AbstractCovariance):
     """$\\Omega = \\mathrm{diag}(\\omega^2)$, parametrised by $\\log\\omega$."""
 
-    def size(self, k):
-        return k
-
     def cholesky(self, vector, k):
         return jnp.diag(jnp.exp(vector))
 
@@ -102,9 +95,6 @@ class DiagonalCovariance(AbstractCovariance):
 class FullCovariance(AbstractCovariance):
     """Full $\\Omega = LL^\\top$: $L$ lower triangular with $\\log$ of its diagonal and its
     strictly lower entries (row by row) as parameters."""
-
-    def size(self, k):
-        return k * (k + 1) // 2
 
     def cholesky(self, vector, k):
         rows, cols = np.tril_indices(k, -1)
@@ -128,19 +118,11 @@ class Hierarchy(eqx.Module):
       strength $\\lambda$ is learned (use with `ValidationLoss`).
     """
 
-    random: tuple[str, ...] = eqx.field(static=True, default=())
-    fixed: tuple[str, ...] = eqx.field(static=True, default=())
-    individual: tuple[str, ...] = eqx.field(static=True, default=())
+    random: tuple[str, ...] = eqx.field(static=True, default=(), converter=tuple)
+    fixed: tuple[str, ...] = eqx.field(static=True, default=(), converter=tuple)
+    individual: tuple[str, ...] = eqx.field(static=True, default=(), converter=tuple)
     covariance: AbstractCovariance = DiagonalCovariance()
     penalty: AbstractPenalty | None = None
-
-    def __init__(self, random=(), fixed=(), individual=(), covariance=DiagonalCovariance(),
-                 penalty=None):
-        self.random = tuple(random)
-        self.fixed = tuple(fixed)
-        self.individual = tuple(individual)
-        self.covariance = covariance
-        self.penalty = penalty
 
     def __check_init__(self):
         names = [*self.random, *self.fixed, *self.individual]
@@ -298,14 +280,16 @@ class PopulationProblem(eqx.Module):
         """$-\\log$ of the Laplace-approximated marginal likelihood of one individual."""
         train, _, inputs = args
         k = self.n_random
-        _, nll, _ = self.data_terms(u, theta, train, inputs)
-        prior = self._prior_residuals(u, theta)
         if k == 0:
-            return nll
-        residuals = lambda eta: self.data_terms(
-            u.at[:k].set(eta), theta, train, inputs
-        )[0]
-        jac = self.objective.sensitivity.jacobian(residuals, u[:k])
+            return self.data_terms(u, theta, train, inputs)[1]
+
+        def residuals_and_nll(eta):
+            r, nll, _ = self.data_terms(u.at[:k].set(eta), theta, train, inputs)
+            return r, nll
+
+        # One solve gives the NLL and (as its Jacobian) J_η.
+        jac, nll = self.objective.sensitivity.jacobian(residuals_and_nll, u[:k], has_aux=True)
+        prior = self._prior_residuals(u, theta)
         chol = self.cholesky(theta)
         omega_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k))
         hessian = jac.T @ jac + omega_inv
@@ -343,16 +327,12 @@ class PopulationProblem(eqx.Module):
 # Batched hypergradient over individuals
 
 
+@jax.custom_vjp
 def _precomputed(theta, evaluation):
     """`evaluation = (value, gradient, aux)` computed outside at `theta`, presented as
     a function of `theta` whose reverse-mode gradient is `gradient`: optimistix's
     step then compiles without the inner fits, which run in one shared compiled
     evaluation."""
-    return _precomputed_vjp(theta, evaluation)
-
-
-@jax.custom_vjp
-def _precomputed_vjp(theta, evaluation):
     value, _, aux = evaluation
     return value, aux
 
@@ -371,7 +351,7 @@ def _precomputed_backward(residuals, cotangent):
     )
 
 
-_precomputed_vjp.defvjp(_precomputed_forward, _precomputed_backward)
+_precomputed.defvjp(_precomputed_forward, _precomputed_backward)
 
 
 def population_hypergradient(
