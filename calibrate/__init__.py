@@ -43,6 +43,7 @@ from ._fit import (  # noqa: E402
     SobolStarts as SobolStarts,
     fit as fit,
 )
+from ._termination import NewtonStepTermination as NewtonStepTermination  # noqa: E402
 from ._hypergrad import (  # noqa: E402
     AbstractCurvature as AbstractCurvature,
     AbstractHypergradient as AbstractHypergradient,

@@ -47,6 +47,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from ._fit import solve_optimum
+from ._termination import with_newton_step_termination
 from ._results import RESULTS, result_message, result_name
 from ._sensitivity import (
     FORWARD_OVER_FORWARD,
@@ -120,13 +121,20 @@ class BilevelProblem(eqx.Module):
         return optx.BFGS(rtol=1e-10, atol=1e-10)
 
 
-def solve_inner(problem: BilevelProblem, theta, args, start) -> tuple[Array, Array, Array]:
-    """$p^*(\\theta)$ from `start`: `(p*, optimistix result code, steps)`. Never raises."""
+def solve_inner(problem: BilevelProblem, theta, args, start, *, stationarity_tol=None
+                ) -> tuple[Array, Array, Array]:
+    """$p^*(\\theta)$ from `start`: `(p*, optimistix result code, steps)`. Never raises.
+    With `stationarity_tol`, a Gauss–Newton-type solver also stops once its Newton step
+    is 1% of it, or a quarter of it when the solver stalls (`NewtonStepTermination`)."""
+    solver = problem.solver()
+    if stationarity_tol is not None:
+        solver = with_newton_step_termination(solver, 0.01 * stationarity_tol,
+                                              0.25 * stationarity_tol)
     residuals = problem.inner_residuals
     # θ travels with the arguments (not in a closure) so the minimiser's custom VJP
     # never closes over a traced value.
     return solve_optimum(
-        problem.solver(), start, (theta, args), sensitivity=problem.sensitivity,
+        solver, start, (theta, args), sensitivity=problem.sensitivity,
         max_steps=problem.inner_max_steps, what="inner_solver",
         residuals=None if residuals is None else (lambda p, a: residuals(p, *a)),
         loss=lambda p, a: problem.inner(p, *a),
@@ -457,7 +465,10 @@ class Implicit(AbstractHypergradient):
       $\lVert\nabla_p L_{\text{in}}\rVert$, does not depend on how the loss is scaled.
       An adaptive ODE solve makes the loss piecewise smooth at the level of its
       tolerance, which bounds how stationary a fit can be (about 1e-6 in $p$ at
-      `rtol=1e-8`): hence the default 1e-5.
+      `rtol=1e-8`): hence the default 1e-5. A Gauss–Newton-type inner solver stops
+      once its own Gauss–Newton step is 1% of this, or a quarter of it after two
+      rejected steps in a row (`NewtonStepTermination`), so a warm-started fit that is
+      already stationary takes one to three steps, not the solver's step limit.
     """
 
     curvature: AbstractCurvature = ExactHessian()
@@ -468,7 +479,8 @@ class Implicit(AbstractHypergradient):
         return self.curvature.missing(sensitivity)
 
     def compute(self, problem, theta, args, start):
-        p, inner_result, steps = solve_inner(problem, theta, args, start)
+        p, inner_result, steps = solve_inner(problem, theta, args, start,
+                                             stationarity_tol=self.stationarity_tol)
         return self.at_optimum(problem, jax.lax.stop_gradient(p), theta, args,
                                inner_result=inner_result, inner_steps=steps)
 
