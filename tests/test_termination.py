@@ -39,3 +39,23 @@ def test_stops_within_its_tolerance_of_the_optimum_and_at_once_when_restarted():
 def test_refuses_a_solver_without_gauss_newton_steps():
     with pytest.raises(TypeError, match="BFGS"):
         cal.NewtonStepTermination(optx.BFGS(rtol=1e-8, atol=1e-8))
+
+
+def test_a_looser_tolerance_applies_once_the_solver_stalls():
+    # Ripples of 1e-7 (in residual units) over 1e-6 in p, like an adaptive ODE solve's
+    # error: the Gauss–Newton step never gets below a tight `tol`, and LM rejects step
+    # after step near the optimum.
+    def jagged(p, args):
+        return residuals(p, args) + 1e-7 * jnp.sin(1e6 * p[0])
+
+    lm = optx.LevenbergMarquardt(rtol=1e-14, atol=1e-14)
+    tight_only = cal.NewtonStepTermination(lm, 1e-12)
+    with_stall = cal.NewtonStepTermination(lm, 1e-12, stalled_tol=1e-5, stalled_steps=2)
+    start = optx.least_squares(jagged, lm, jnp.array([1.0, 1.0]), max_steps=200,
+                               throw=False).value
+    run = lambda solver: optx.least_squares(jagged, solver, start, max_steps=200, throw=False)
+    assert int(run(tight_only).stats["num_steps"]) > 10
+    # One accepted step, then two rejected ones.
+    stalled = run(with_stall)
+    assert int(stalled.stats["num_steps"]) <= 3
+    assert float(jnp.linalg.norm(stalled.value - start)) <= 1e-5 * float(jnp.linalg.norm(start))
