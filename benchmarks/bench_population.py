@@ -74,8 +74,12 @@ def _problem(n, seed):
         params[name] = params[name] * 10 ** jnp.asarray(eta[:, j])
     times = cascade.OBSERVATION_TIMES
     integrator = cal.Integrator(rtol=1e-10, atol=1e-12)
-    traj = jax.jit(jax.vmap(lambda p: cal.simulate(model, p, times, integrator=integrator)))(
-        params)
+    from calibrate._batching import map_individuals, safe_chunk_size
+
+    chunk = safe_chunk_size(len(model.states) ** 3)
+    traj = jax.jit(lambda params: map_individuals(
+        lambda p: cal.simulate(model, p, times, integrator=integrator), (params,), (0,),
+        chunk if n > chunk else None))(params)
     obs = np.asarray(traj.observables)
     obs = obs + 0.01 * rng.normal(size=obs.shape)
     rows = [
@@ -119,6 +123,7 @@ def measure(n, strategies, repeats, seed, queue):
         import jax.numpy as jnp
 
         import calibrate as cal
+        from calibrate._batching import map_individuals
 
         model, data, truth, start, near = _problem(n, seed)
         hierarchy = cal.Hierarchy(random=RANDOM, fixed=FIXED)
@@ -130,7 +135,7 @@ def measure(n, strategies, repeats, seed, queue):
             curvature, solver = STRATEGIES[label]
             method = cal.Implicit(curvature=getattr(cal, curvature)(),
                                   linear_solver=getattr(cal, solver)())
-            row = {"strategy": label}
+            row = {"strategy": label, "chunk_size": setup.chunk_size}
             t0 = time.perf_counter()
             first = _block(setup.evaluate(method, theta, jnp.asarray(near) if starts is None
                                           else starts))
@@ -148,9 +153,10 @@ def measure(n, strategies, repeats, seed, queue):
             row["not_stationary"] = int(jnp.sum(e.hypergradients.result != 0))
             row["gradient"] = np.asarray(jax.flatten_util.ravel_pytree(e.gradient)[0]).tolist()
 
-            at_optimum = jax.jit(jax.vmap(
+            at_optimum = jax.jit(lambda u, train, inputs: map_individuals(
                 lambda u, train, inputs: method.at_optimum(
                     setup.bilevel, u, theta, (train, None, inputs)),
+                (u, train, inputs), (0, 0, 0), setup.chunk_size,
             ))
             train, _, inputs = setup.batch
             u = e.hypergradients.inner_solution
@@ -283,21 +289,24 @@ def render(results, naive, args, elapsed):
         "RAFp0 shared; Laplace (FOCE-I) objective; θ has 5 entries; 32 times × 4 "
         "observables per individual. `evaluation` = warm-started inner LM fits "
         "(at most 64 steps) + hypergradient, from converged warm starts; `hypergradient` "
-        "= the implicit hypergradient alone at fixed inner optima. Times are medians "
+        "= the implicit hypergradient alone at fixed inner optima; `chunk` = individuals per "
+        "vmapped chunk (on CPU, chunks keep jaxlib's batched LAPACK kernels on one thread; "
+        "see `calibrate/_batching.py`). Times are medians "
         f"of {args.repeats} calls after compilation.",
         "",
-        "| N | strategy | first call − warm call s | evaluation s | hypergradient s | hypergradient compile s | inner steps (max) | not stationary | peak RSS MB | peak device MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | strategy | chunk | first call − warm call s | evaluation s | hypergradient s | hypergradient compile s | inner steps (max) | not stationary | peak RSS MB | peak device MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         if res.get("error"):
             lines.append(f"| {res['n']} | failed | {res['error'].strip().splitlines()[-1]} |"
-                         " | | | | | | |")
+                         " | | | | | | | |")
             continue
         for row in res["rows"]:
             device = "" if row["peak_device_mb"] is None else f"{row['peak_device_mb']:.0f}"
             lines.append(
-                f"| {res['n']} | {row['strategy']} | {row['compile_s']:.1f} | "
+                f"| {res['n']} | {row['strategy']} | {row.get('chunk_size') or 'all'} | "
+                f"{row['compile_s']:.1f} | "
                 f"{row['evaluation_s']:.3g} | {row['hypergradient_s']:.3g} | "
                 f"{row['hypergradient_compile_s']:.1f} | {row['inner_steps_max']} | "
                 f"{row['not_stationary']} | {row['peak_rss_mb']:.0f} | {device} |"

@@ -36,6 +36,10 @@ from ._data import (  # noqa: E402
     load_measurements as load_measurements,
     read_table as read_table,
 )
+from ._conditions import (  # noqa: E402
+    conditions_from_frame as conditions_from_frame,
+    with_conditions as with_conditions,
+)
 from ._fit import (  # noqa: E402
     AbstractStarts as AbstractStarts,
     FitResult as FitResult,
@@ -78,6 +82,11 @@ from ._inputs import (  # noqa: E402
     PiecewiseConstant as PiecewiseConstant,
 )
 from ._model import AbstractODEModel as AbstractODEModel, Observable as Observable  # noqa: E402
+from ._modelspec import (  # noqa: E402
+    ModelSpecError as ModelSpecError,
+    ResolvedModel as ResolvedModel,
+    resolve_model as resolve_model,
+)
 from ._noise import (  # noqa: E402
     AbstractNoiseModel as AbstractNoiseModel,
     Gaussian as Gaussian,
@@ -114,6 +123,13 @@ from ._population import (  # noqa: E402
     PopulationSetup as PopulationSetup,
     population_hypergradient as population_hypergradient,
     population_setup as population_setup,
+)
+from ._predictions import predictions_frame as predictions_frame  # noqa: E402
+from ._problem import (  # noqa: E402
+    Problem as Problem,
+    ProblemError as ProblemError,
+    check_problem as check_problem,
+    load_problem as load_problem,
 )
 from ._results import (  # noqa: E402
     RESULTS as RESULTS,

@@ -43,15 +43,19 @@ _MAX_LISTED_ISSUES = 25
 
 @dataclass(frozen=True)
 class Issue:
-    """One problem in an input, located by file, row (spreadsheet numbering) and column."""
+    """One problem in an input, located by file, row (spreadsheet numbering) and column,
+    or by the key of a setting in a problem file."""
 
     file: str
     message: str
     row: int | None = None
     column: str | None = None
+    key: str | None = None  # a setting of a problem file, e.g. "parameters.q.lower"
 
     def __str__(self) -> str:
         where = self.file
+        if self.key is not None:
+            where += f", {self.key}"
         if self.row is not None:
             where += f", row {self.row}"
         if self.column is not None:

@@ -21,6 +21,7 @@ import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 from scipy.stats import qmc
 
+from ._batching import default_chunk_size, map_individuals
 from ._data import Dataset, Measurements
 from ._model import AbstractODEModel
 from ._objective import Objective
@@ -211,8 +212,10 @@ def _diagnose(objective: Objective, z, data, inputs, solver_result):
 
 
 @eqx.filter_jit
-def _fit_batch(objective: Objective, solver, z0s, data: Measurements, inputs, max_steps):
-    """vmap over individuals (axis 0 of data, inputs, z0s) and starts (axis 1 of z0s)."""
+def _fit_batch(objective: Objective, solver, z0s, data: Measurements, inputs, max_steps,
+               chunk_size=None):
+    """vmap over individuals (axis 0 of data, inputs, z0s; `chunk_size` at a time if
+    given) and starts (axis 1 of z0s)."""
 
     def one_individual(z0s, data, inputs):
         def one_start(z0):
@@ -230,7 +233,7 @@ def _fit_batch(objective: Objective, solver, z0s, data: Measurements, inputs, ma
         return z, loss, grad_norm, se, steps[best], result, losses
 
     in_axes = (0, 0, None if inputs is None else 0)
-    return jax.vmap(one_individual, in_axes=in_axes)(z0s, data, inputs)
+    return map_individuals(one_individual, (z0s, data, inputs), in_axes, chunk_size)
 
 
 def fit(
@@ -288,8 +291,14 @@ def fit(
         inputs = jax.tree.map(
             lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), model.default_inputs()
         )
+    # Batched LAPACK kernels per lane: the stiff solver's LU and the least-squares QR.
+    n_states, n_p = len(model.states), len(space.estimated)
+    rows = 2 * int(np.prod(data.measurements.values.shape[1:]))
+    chunk_size = default_chunk_size(n, n_states**3, 2 * rows * n_p**2,
+                                    n_states**2 * (n_p + 1),
+                                    lanes_per_individual=z0.shape[0])
     z, loss, grad_norm, se, steps, result, losses = _fit_batch(
-        objective, solver, z0s, data.measurements, inputs, max_steps
+        objective, solver, z0s, data.measurements, inputs, max_steps, chunk_size
     )
     params = jax.vmap(objective.params)(z)
     return FitResult(

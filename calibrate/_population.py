@@ -47,6 +47,7 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
+from ._batching import default_chunk_size, map_individuals
 from ._data import Dataset, Measurements
 from ._hypergrad import (
     AbstractHypergradient,
@@ -355,16 +356,19 @@ _precomputed.defvjp(_precomputed_forward, _precomputed_backward)
 
 
 def population_hypergradient(
-    method: AbstractHypergradient, bilevel: BilevelProblem, theta, starts, data
+    method: AbstractHypergradient, bilevel: BilevelProblem, theta, starts, data,
+    chunk_size: int | None = None,
 ) -> Hypergradient:
-    """Every individual's hypergradient (leading axis N), from `starts` (N, n_u)."""
+    """Every individual's hypergradient (leading axis N), from `starts` (N, n_u);
+    `chunk_size` individuals at a time if given (see `calibrate._batching`)."""
     train, held_out, inputs = data
     in_axes = (0, 0 if held_out is not None else None, 0 if inputs is not None else None)
 
     def one(start, train, held_out, inputs):
         return method.compute(bilevel, theta, (train, held_out, inputs), start)
 
-    return jax.vmap(one, in_axes=(0, *in_axes))(starts, train, held_out, inputs)
+    return map_individuals(one, (starts, train, held_out, inputs), (0, *in_axes),
+                           chunk_size)
 
 
 def _accepted_starts(h: Hypergradient, starts):
@@ -380,8 +384,8 @@ class _Evaluation(eqx.Module):
 
 
 @eqx.filter_jit
-def _evaluate(method, bilevel, theta, starts, data) -> _Evaluation:
-    h = population_hypergradient(method, bilevel, theta, starts, data)
+def _evaluate(method, bilevel, theta, starts, data, chunk_size) -> _Evaluation:
+    h = population_hypergradient(method, bilevel, theta, starts, data, chunk_size)
     total = jnp.sum(h.outer_loss)
     gradient = jax.tree.map(lambda g: jnp.sum(g, axis=0), h.value)
     return _Evaluation(total, gradient, h)
@@ -555,10 +559,12 @@ class PopulationSetup(eqx.Module):
     theta: dict
     starts: Float[Array, "N n_u"]
     n_observations: int = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def evaluate(self, method: AbstractHypergradient, theta, starts) -> _Evaluation:
         """Outer objective, its gradient and every individual's hypergradient."""
-        return _evaluate(numbers_as_arrays(method), self.bilevel, theta, starts, self.batch)
+        return _evaluate(numbers_as_arrays(method), self.bilevel, theta, starts, self.batch,
+                         self.chunk_size)
 
     def converge_inner(self, method: AbstractHypergradient, theta, starts, rounds: int = 4):
         """Re-run the inner fits from their own solutions (up to `rounds` times) until
@@ -587,6 +593,7 @@ def population_setup(
         optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
     ),
     inner_max_steps: int = 64,
+    chunk_size: int | None = None,
 ) -> PopulationSetup:
     """Check the specification and build a `PopulationSetup` (arguments as for
     `calibrate_population`)."""
@@ -639,6 +646,16 @@ def population_setup(
         if hierarchy.individual else jnp.zeros(0)
     )
     u0 = jnp.concatenate([jnp.zeros(k), individual_start])
+    if chunk_size is None:
+        # Largest batched LAPACK kernels per individual: the stiff solver's LU, the
+        # inner least-squares QR (residuals × unknowns) and forward-mode solves with
+        # one right-hand side per unknown.
+        n_states, n_u = len(model.states), int(u0.size)
+        rows = int(np.prod(train.values.shape[1:])) * 2 + n_u
+        chunk_size = default_chunk_size(n, n_states**3, 2 * rows * n_u**2,
+                                        n_states**2 * (n_u + 1))
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return PopulationSetup(
         problem=problem,
         bilevel=problem.bilevel(inner_solver, inner_max_steps),
@@ -646,6 +663,7 @@ def population_setup(
         theta=theta,
         starts=jnp.broadcast_to(u0, (n, u0.size)),
         n_observations=int(np.sum(np.asarray(train.mask))),
+        chunk_size=chunk_size,
     )
 
 
@@ -666,6 +684,7 @@ def calibrate_population(
         optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
     ),
     inner_max_steps: int = 64,
+    chunk_size: int | None = None,
     outer: AbstractOuterOptimiser = QuasiNewton(),
     standard_errors: bool = True,
     cold_start_rounds: int = 4,
@@ -690,6 +709,9 @@ def calibrate_population(
       is kept small and stationarity is judged by the hypergradient's Newton-step test.
       The first fits, from a cold start, are repeated up to `cold_start_rounds` times
       until every individual is stationary.
+    - `chunk_size`: individuals per `vmap`ped chunk (`None`: all at once on GPU; on
+      CPU, chunks small enough that jaxlib's batched LAPACK kernels stay on one thread,
+      see `calibrate._batching`).
     - `outer`: `QuasiNewton()` (optimistix BFGS, default) or `FirstOrder(optax...)`.
     - `standard_errors`: compute the outer Hessian by central differences of the
       hypergradient (2 × dim θ extra evaluations).
@@ -700,7 +722,7 @@ def calibrate_population(
         model, data, hierarchy=hierarchy, objective=objective, start=start,
         start_sd=start_sd, start_strength=start_strength, constants=constants,
         sensitivity=sensitivity, integrator=integrator, inner_solver=inner_solver,
-        inner_max_steps=inner_max_steps,
+        inner_max_steps=inner_max_steps, chunk_size=chunk_size,
     )
     evaluate = lambda theta, starts: setup.evaluate(hypergradient, theta, starts)
     history = []

@@ -13,31 +13,39 @@ status 2. Set `CALIBRATE_DEBUG=1` to get the traceback instead.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib.util
+import hashlib
 import math
 import os
+import platform
 import sys
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any
 
+import jax
 import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 import calibrate as cal
 
+from . import _report as report
 from ._io import write_csv_atomic, write_json_atomic
+from ._modelspec import did_you_mean as _did_you_mean, resolve_model
 
 
 EXIT_INPUT_ERROR = 2
@@ -116,130 +124,6 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(code) from None
 
     return wrapper
-
-
-def _did_you_mean(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-# --------------------------------------------------------------------------------------
-# Models
-
-
-@dataclass
-class ResolvedModel:
-    model: cal.AbstractODEModel
-    module: ModuleType | None  # the zoo module or the user's file, if any
-    spec: str  # what the user typed
-
-    @property
-    def default_times(self):
-        return getattr(self.module, "OBSERVATION_TIMES", None)
-
-
-def _is_file_spec(spec: str) -> bool:
-    return ":" in spec or spec.endswith(".py") or "/" in spec or os.sep in spec
-
-
-def _import_file(path: Path) -> ModuleType:
-    if not path.exists():
-        raise CLIError(f"{path}: model file not found")
-    if not path.is_file():
-        raise CLIError(f"{path}: not a file")
-    name = f"calibrate_user_model_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise CLIError(f"{path}: cannot be imported as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    # Let the file import its siblings, as `python file.py` would.
-    sys.path.insert(0, str(path.resolve().parent))
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except (Exception, SystemExit) as error:
-        sys.modules.pop(name, None)
-        where = ""
-        if isinstance(error, SyntaxError) and error.lineno:
-            where = f", line {error.lineno}"
-        else:
-            lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-                     if Path(f.filename).resolve() == path.resolve()]
-            if lines:
-                where = f", line {lines[-1]}"
-        raise CLIError(
-            f"{path}{where}: importing the model file failed: "
-            f"{type(error).__name__}: {error}"
-        ) from None
-    finally:
-        try:
-            sys.path.remove(str(path.resolve().parent))
-        except ValueError:  # the file removed it itself
-            pass
-    return module
-
-
-def _model_classes(module: ModuleType) -> list[str]:
-    return sorted(
-        name for name, obj in vars(module).items()
-        if isinstance(obj, type) and issubclass(obj, cal.AbstractODEModel)
-        and obj is not cal.AbstractODEModel and obj.__module__ == module.__name__
-    )
-
-
-def resolve_model(spec: str) -> ResolvedModel:
-    """A zoo name, `path/to/file.py:ClassName`, or `path/to/file.py` (its `MODEL`)."""
-    spec = spec.strip()
-    if not _is_file_spec(spec):
-        try:
-            module = cal.zoo_module(spec)
-        except KeyError as error:  # its message names the available models
-            raise CLIError(
-                f"{error.args[0]}{_did_you_mean(spec, cal.zoo_names())}; or give "
-                "path/to/file.py:ClassName"
-            ) from None
-        return ResolvedModel(module.MODEL(), module, spec)
-    path_text, _, class_name = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if ":" in spec and not path_text:
-        raise CLIError(f"model {spec!r}: expected path/to/file.py:ClassName")
-    path = Path(path_text)
-    module = _import_file(path)
-    classes = _model_classes(module)
-    if not class_name:
-        if isinstance(getattr(module, "MODEL", None), type):
-            class_name = module.MODEL.__name__
-            cls = module.MODEL
-        elif len(classes) == 1:
-            class_name = classes[0]
-            cls = getattr(module, class_name)
-        else:
-            found = ", ".join(classes) or "none"
-            raise CLIError(
-                f"{path}: name the model class as {path}:ClassName (model classes found: "
-                f"{found})"
-            )
-    else:
-        if not class_name.isidentifier():
-            raise CLIError(f"model {spec!r}: {class_name!r} is not a class name")
-        cls = getattr(module, class_name, None)
-        if cls is None:
-            found = ", ".join(classes) or "none"
-            raise CLIError(
-                f"{path}: no class {class_name!r}{_did_you_mean(class_name, classes)}; "
-                f"model classes found: {found}"
-            )
-    if not (isinstance(cls, type) and issubclass(cls, cal.AbstractODEModel)):
-        raise CLIError(
-            f"{path}: {class_name} is not a subclass of calibrate.AbstractODEModel"
-        )
-    try:
-        model = cls()
-    except Exception as error:
-        raise CLIError(
-            f"{path}: creating {class_name}() failed: {type(error).__name__}: {error}"
-        ) from None
-    return ResolvedModel(model, module, spec)
-
 
 # --------------------------------------------------------------------------------------
 # Option parsing
@@ -602,6 +486,7 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
 
 @app.command(
     epilog="Examples:\n\n"
+    "  [bold]calibrate fit examples/dosing/problem.toml --out results/dosing[/]\n\n"
     "  [bold]calibrate fit enzyme_kinetics examples/enzyme_kinetics/measurements.csv "
     "--out results/enzyme[/]\n\n"
     "  [bold]calibrate fit enzyme_kinetics data.csv --out fits --estimate kf,kcat "
@@ -611,15 +496,17 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
 @handle_errors
 def fit(
     model: Annotated[str, typer.Argument(
-        help="Zoo model name or path/to/file.py:ClassName.", show_default=False)],
-    data: Annotated[Path, typer.Argument(
-        help="Measurements in long format (CSV, TSV or Parquet) with columns "
-        "individual, time, observable, value and optionally sigma.",
-        show_default=False)],
+        metavar="PROBLEM|MODEL",
+        help="A problem file (PROBLEM.toml), or a zoo model name or "
+        "path/to/file.py:ClassName followed by DATA.", show_default=False)],
+    data: Annotated[Path | None, typer.Argument(
+        help="With MODEL: measurements in long format (CSV, TSV or Parquet) with "
+        "columns individual, time, observable, value and optionally sigma.",
+        show_default=False)] = None,
     out: Annotated[Path, typer.Option(
         "--out", "-o", metavar="DIR",
-        help="Output directory (created if missing) for parameters.csv and "
-        "parameters.json; other files in it are left alone.", show_default=False)],
+        help="Output directory (created if missing); files of earlier runs that this "
+        "run does not write are left alone.", show_default=False)] = ...,
     estimate: Annotated[list[str] | None, typer.Option(
         "--estimate", "-e", metavar="NAME,NAME",
         help="Parameters to estimate (comma-separated or repeated). Default: the "
@@ -627,20 +514,32 @@ def fit(
     fix: Annotated[list[str] | None, typer.Option(
         "--fix", "-f", metavar="NAME=VALUE",
         help="Fix a parameter at a value (repeatable, or comma-separated).")] = None,
-    starts: Annotated[int, typer.Option(
-        min=0, help="Extra Sobol start points per individual (0: start from the "
-        "defaults only).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the start points.")] = 0,
-    max_steps: Annotated[int, typer.Option(
-        min=1, help="Optimiser step limit per start.")] = 256,
-    rtol: Annotated[float, typer.Option(
-        help="Relative tolerance of the ODE solver.")] = _DEFAULTS.rtol,
-    atol: Annotated[float, typer.Option(
-        help="Absolute tolerance of the ODE solver.")] = _DEFAULTS.atol,
+    starts: Annotated[int | None, typer.Option(
+        min=0, help="Extra Sobol start points per individual (default 0: start from "
+        "the defaults only).", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of the start points (default 0).", show_default=False)] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        min=1, help="Optimiser step limit per start (default 256).",
+        show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option(
+        help=f"Relative tolerance of the ODE solver (default {_DEFAULTS.rtol:g}).",
+        show_default=False)] = None,
+    atol: Annotated[float | None, typer.Option(
+        help=f"Absolute tolerance of the ODE solver (default {_DEFAULTS.atol:g}).",
+        show_default=False)] = None,
 ):
-    """Fit MODEL to each individual in DATA (maximum likelihood).
+    """Fit a problem file, or MODEL to each individual in DATA.
 
-    Writes DIR/parameters.csv (one row per individual: estimates,
+    With PROBLEM.toml (see `calibrate check`): a hierarchical problem
+    runs the population calibrator and writes DIR/population.csv and
+    .json (population estimates with standard errors, -2 log L, AIC,
+    BIC), individuals.csv, predictions.csv, diagnostics.csv,
+    history.csv and run.json; a problem without random or fixed
+    effects fits each individual on its own, as below, plus
+    predictions.csv and run.json.
+
+    With MODEL DATA (maximum likelihood per individual): writes DIR/parameters.csv (one row per individual: estimates,
     standard errors, loss, grad_norm, steps, status) and
     DIR/parameters.json (the same plus the messages of failed fits,
     the settings and versions), and prints a summary table.
@@ -649,6 +548,44 @@ def fit(
     log-scale parameters). The exit status is 0 once the results are
     written, even if some fits did not converge (see their status).
     """
+    if model.strip().lower().endswith(".toml"):
+        given = [f"--{name.replace('_', '-')}" for name, value in (
+            ("estimate", estimate), ("fix", fix), ("starts", starts), ("seed", seed),
+            ("max_steps", max_steps), ("rtol", rtol), ("atol", atol)) if value is not None]
+        if data is not None:
+            raise CLIError(f"{model} is a problem file: it names its data itself; "
+                           f"drop {data}")
+        if given:
+            raise CLIError(f"{', '.join(given)}: with a problem file, give these "
+                           "settings in the file")
+        return fit_problem(Path(model), out)
+    if data is None:
+        raise CLIError(f"{model}: give the measurements file after the model "
+                       "(calibrate fit MODEL DATA --out DIR), or a PROBLEM.toml")
+    starts = 0 if starts is None else starts
+    seed = 0 if seed is None else seed
+    max_steps = 256 if max_steps is None else max_steps
+    rtol = _DEFAULTS.rtol if rtol is None else rtol
+    atol = _DEFAULTS.atol if atol is None else atol
+    if model.strip().lower().endswith(".toml"):
+        given = [f"--{name.replace('_', '-')}" for name, value in (
+            ("estimate", estimate), ("fix", fix), ("starts", starts), ("seed", seed),
+            ("max_steps", max_steps), ("rtol", rtol), ("atol", atol)) if value is not None]
+        if data is not None:
+            raise CLIError(f"{model} is a problem file: it names its data itself; "
+                           f"drop {data}")
+        if given:
+            raise CLIError(f"{', '.join(given)}: with a problem file, give these "
+                           "settings in the file")
+        return fit_problem(Path(model), out)
+    if data is None:
+        raise CLIError(f"{model}: give the measurements file after the model "
+                       "(calibrate fit MODEL DATA --out DIR), or a PROBLEM.toml")
+    starts = 0 if starts is None else starts
+    seed = 0 if seed is None else seed
+    max_steps = 256 if max_steps is None else max_steps
+    rtol = _DEFAULTS.rtol if rtol is None else rtol
+    atol = _DEFAULTS.atol if atol is None else atol
     _check_tolerances(rtol, atol)
     resolved = resolve_model(model)
     m = resolved.model
@@ -710,6 +647,307 @@ def fit(
         f"successful; wrote {csv_path} and {json_path}",
         markup=False,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Problem files
+
+
+def _roles_table(problem: cal.Problem) -> Table:
+    table = Table(title=escape(f"{problem.model.name}: parameters"))
+    for column in ("parameter", "role", "start", "bounds", "scale"):
+        table.add_column(column, no_wrap=True)
+    space = problem.model.parameter_space
+    for name, role in problem.roles.items():
+        p = space[name]
+        table.add_row(name, role, f"{problem.start[name]:.6g}",
+                      f"[{p.lower:.3g}, {p.upper:.3g}]", p.scale)
+    return table
+
+
+@app.command(
+    epilog="Example:\n\n  [bold]calibrate check examples/dosing/problem.toml[/]",
+)
+@handle_errors
+def check(
+    problem: Annotated[Path, typer.Argument(
+        metavar="PROBLEM", help="The problem file (TOML).", show_default=False)],
+):
+    """Validate PROBLEM and every file it names, and report all problems at once.
+
+    Each problem is one line naming the file and the setting, or the
+    row and column of a table. Exit status 0 when the problem is valid
+    (a summary is printed), 2 otherwise.
+    """
+    loaded = cal.load_problem(problem)
+    stdout = _stdout()
+    data = loaded.data
+    n_measurements = int(np.sum(np.asarray(data.measurements.mask)))
+    kind = ("hierarchical (population calibration)" if loaded.hierarchical
+            else "individual fits")
+    stdout.print(f"{escape(str(problem))}: valid; {kind} of {loaded.model.name} to "
+                 f"{len(data)} individual(s), {n_measurements} measurements",
+                 markup=False)
+    stdout.print(_roles_table(loaded))
+
+
+def _versions() -> dict[str, str]:
+    import diffrax
+    import equinox
+    import lineax
+    import optax
+    import optimistix
+
+    return {"calibrate": cal.__version__, "python": platform.python_version(),
+            "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(
+                jax.lib, "__version__") else jax.__version__,
+            "diffrax": diffrax.__version__, "equinox": equinox.__version__,
+            "optimistix": optimistix.__version__, "lineax": lineax.__version__,
+            "optax": optax.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_record(problem: cal.Problem, started: datetime, **extra) -> dict[str, Any]:
+    """What `run.json` holds: enough to reproduce the run."""
+    finished = datetime.now(timezone.utc)
+    return {
+        "command": ["calibrate", *sys.argv[1:]],
+        "problem": str(problem.path),
+        "files": {role: {"path": path, "sha256": _sha256(path)}
+                  for role, path in problem.files.items()},
+        "model": problem.model.name,
+        "model_spec": problem.model_spec,
+        "seed": problem.seed,
+        "roles": problem.roles,
+        "start": problem.start,
+        "settings": problem.settings,
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "devices": [str(d) for d in jax.devices()],
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "wall_seconds": round((finished - started).total_seconds(), 3),
+        **extra,
+    }
+
+
+def _population_table(result: cal.PopulationResult, model_name: str) -> Table:
+    table = Table(title=escape(f"{model_name}: population estimates"))
+    for column in ("parameter", "kind", "estimate", "se"):
+        table.add_column(column, justify="right" if column in ("estimate", "se") else "left",
+                         no_wrap=True)
+    for row in result.population.itertuples(index=False):
+        if row.kind == "mean_scaled":
+            continue
+        table.add_row(escape(row.parameter), row.kind, f"{row.estimate:.6g}",
+                      f"{row.se:.2g}" if math.isfinite(row.se) else "—")
+    return table
+
+
+def _population_report(problem: cal.Problem, result: cal.PopulationResult) -> dict:
+    h = result.hypergradients
+    return {
+        "model": problem.model.name,
+        "population": result.population.to_dict(orient="records"),
+        "objective": result.objective,
+        "objective_kind": problem.settings["population"]["objective"],
+        "minus_two_log_likelihood": result.minus_two_log_likelihood,
+        "aic": result.aic,
+        "bic": result.bic,
+        "converged": result.converged,
+        "outer_steps": result.outer_steps,
+        "omega": result.omega,
+        "shrinkage": result.shrinkage,
+        "theta": result.theta,
+        "covariance_theta": result.covariance_theta,
+        "n_individuals": len(result.individual),
+        "n_successful": int(np.sum(result.individual["status"] == "successful")),
+        "n_stationary": int(np.sum(np.asarray(h.stationarity)
+                                   <= np.asarray(h.stationarity_bound))),
+    }
+
+
+def _diagnostics_frame(result: cal.PopulationResult, individuals) -> pd.DataFrame:
+    h = result.hypergradients
+    return pd.DataFrame({
+        "individual": list(individuals),
+        "status": [cal.result_name(c) for c in np.asarray(h.result)],
+        "stationarity": np.asarray(h.stationarity),
+        "stationarity_bound": np.asarray(h.stationarity_bound),
+        "stationary": np.asarray(h.stationarity) <= np.asarray(h.stationarity_bound),
+        "outer_loss": np.asarray(h.outer_loss),
+    })
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr(),
+                    transient=False)
+
+
+def _figures_and_report(problem: cal.Problem, out: Path, predictions: pd.DataFrame,
+                        estimates: dict, names: Sequence[str], summary: Sequence[str],
+                        problems: Sequence[str], *, tables, history=None,
+                        population=None) -> list[Path]:
+    """PNG plots and report.html in `out`; returns the paths written."""
+    curves = report.dense_predictions(problem.model, problem.data, estimates,
+                                      integrator=problem.integrator)
+    individual = pd.DataFrame({name: np.broadcast_to(np.asarray(estimates[name], float),
+                                                     (len(problem.data),))
+                               for name in names})
+    space = problem.model.parameter_space
+    figures = [
+        ("Individual fits", report.plot_individual_fits(predictions, curves,
+                                                        out / "fits.png")),
+        ("Observed against predicted",
+         report.plot_observed_vs_predicted(predictions, out / "observed_vs_predicted.png")),
+        ("Residuals", report.plot_residuals(predictions, out / "residuals.png")),
+    ]
+    if history is not None and len(history):
+        figures.append(("Outer convergence",
+                        report.plot_convergence(history, out / "convergence.png")))
+    if names:
+        figures.append(("Parameter distributions", report.plot_parameter_distributions(
+            individual, names, {n: space[n].scale for n in names},
+            out / "parameters.png", population)))
+    page = report.write_html_report(
+        out / "report.html", title=f"calibrate: {problem.model.name} ({problem.path.name})",
+        summary=summary, tables=tables, figures=figures, warnings=problems,
+        run={"problem": problem.path, "seed": problem.seed,
+             "calibrate": cal.__version__, "jax": jax.__version__})
+    return [path for _, path in figures] + [page]
+
+
+def fit_problem(path: Path, out: Path) -> None:
+    """`calibrate fit PROBLEM.toml --out DIR`."""
+    problem = cal.load_problem(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    if not problem.hierarchical:
+        _fit_problem_individually(problem, out, started)
+        return
+    arguments = problem.population_arguments()
+    max_steps = problem.settings["population"]["max_steps"]
+    n = len(problem.data)
+    with _progress() as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.HypergradientWarning)
+        task = progress.add_task(
+            f"compiling, then fitting {n} individuals from the start values", total=max_steps)
+
+        def callback(step, theta, value):
+            progress.update(task, completed=step,
+                            description=f"outer step {step}: objective {value:.6g}")
+
+        result = cal.calibrate_population(problem.model, problem.data, callback=callback,
+                                          **arguments)
+        progress.update(task, total=result.outer_steps, completed=result.outer_steps,
+                        description=f"done after {result.outer_steps} outer steps "
+                        f"({'converged' if result.converged else 'not converged'})")
+    estimates = dict(problem.start)
+    for name in result.individual.columns:
+        if name in estimates:
+            estimates[name] = result.individual[name].to_numpy()
+    predictions = cal.predictions_frame(problem.model, problem.data, estimates,
+                                        integrator=problem.integrator)
+    individuals = result.individual.copy()
+    for j, name in enumerate(arguments["hierarchy"].random):
+        individuals[f"eta_{name}"] = result.eta[:, j]
+    written = [
+        write_csv_atomic(out / "population.csv", result.population),
+        write_json_atomic(out / "population.json", _population_report(problem, result)),
+        write_csv_atomic(out / "individuals.csv", individuals),
+        write_csv_atomic(out / "predictions.csv", predictions),
+        write_csv_atomic(out / "diagnostics.csv",
+                         _diagnostics_frame(result, problem.data.individuals)),
+        write_csv_atomic(out / "history.csv", result.history),
+    ]
+    diagnostics = _diagnostics_frame(result, problem.data.individuals)
+    problems = []
+    if not result.converged:
+        problems.append("the outer optimisation did not converge in "
+                        f"{result.outer_steps} steps; see history.csv")
+    for row in diagnostics[~diagnostics["stationary"]].itertuples(index=False):
+        problems.append(f"{row.individual}: inner fit not stationary "
+                        f"({row.stationarity:.2g} > {row.stationarity_bound:.2g}, "
+                        f"{row.status}); its hypergradient is unreliable")
+    objective = (f"-2 log L {result.minus_two_log_likelihood:.6g}, AIC {result.aic:.6g}, "
+                 f"BIC {result.bic:.6g}" if result.aic is not None
+                 else f"validation loss {result.objective:.6g}")
+    names = [*arguments["hierarchy"].random, *arguments["hierarchy"].individual]
+    summary = [
+        f"Model {problem.model.name}, {n} individuals, "
+        f"{int(np.sum(np.asarray(problem.data.measurements.mask)))} measurements",
+        f"Outer objective {problem.settings['population']['objective']}: {objective}",
+        f"{'Converged' if result.converged else 'Not converged'} after "
+        f"{result.outer_steps} outer steps; "
+        f"{int(diagnostics['stationary'].sum())} of {n} inner fits stationary",
+    ]
+    population = result.population[result.population.kind != "mean_scaled"]
+    written += _figures_and_report(
+        problem, out, predictions, estimates, names, summary, problems,
+        tables=[("Population estimates", population), ("Individuals", individuals),
+                ("Diagnostics", diagnostics)],
+        history=result.history, population=result.population)
+    written.append(write_json_atomic(out / "run.json", run_record(
+        problem, started, outputs=[p.name for p in written])))
+    stdout = _stdout()
+    stdout.print(_population_table(result, problem.model.name))
+    console = _stderr()
+    for text in problems:
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(text, markup=False)
+    console.print(f"{objective}; wrote {', '.join(p.name for p in written)} to {out}",
+                  markup=False)
+
+
+def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
+    arguments = problem.fit_arguments()
+    message = (f"fitting {len(problem.data)} individual(s) "
+               "(compiling first, which takes a while)")
+    with _stderr().status(message), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*balance properties.*")
+        result = cal.fit(problem.model, problem.data, **arguments)
+    estimates = dict(problem.start)
+    estimates.update({name: np.asarray(result[name]) for name in result.estimated})
+    predictions = cal.predictions_frame(problem.model, problem.data, estimates,
+                                        integrator=problem.integrator)
+    settings = {"starts": problem.settings["individual"]["starts"], "seed": problem.seed,
+                "max_steps": problem.settings["individual"]["max_steps"],
+                "ode": problem.settings["ode"],
+                "sensitivity": problem.settings["sensitivity"]["method"]}
+    report = fit_report(result, problem.model, model_spec=problem.model_spec,
+                        data=problem.files["measurements"], fixed=problem.constants,
+                        settings=settings)
+    written = [
+        write_csv_atomic(out / "parameters.csv", result.to_frame()),
+        write_json_atomic(out / "parameters.json", report),
+        write_csv_atomic(out / "predictions.csv", predictions),
+    ]
+    failed = result.messages()
+    summary = [f"Model {problem.model.name}, {len(problem.data)} individuals fitted "
+               "one by one (maximum likelihood)",
+               f"{len(result.individuals) - len(failed)} of {len(result.individuals)} fits "
+               "successful"]
+    written += _figures_and_report(
+        problem, out, predictions, estimates, list(result.estimated), summary,
+        [f"{ind}: {text}" for ind, text in failed.items()],
+        tables=[("Individual estimates", result.to_frame())])
+    written.append(write_json_atomic(out / "run.json", run_record(
+        problem, started, outputs=[p.name for p in written])))
+    stdout = _stdout()
+    stdout.print(_fit_summary_table(result, problem.model, stdout.width))
+    console = _stderr()
+    for ind, text in failed.items():
+        console.print(f"[yellow]warning:[/] {escape(ind)}: ", end="")
+        console.print(text, markup=False)
+    console.print(
+        f"{len(result.individuals) - len(failed)} of {len(result.individuals)} fits "
+        f"successful; wrote {', '.join(p.name for p in written)} to {out}", markup=False)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def test_models_lists_the_zoo():
     assert "kcat" in result.stdout and "RAFp" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["models", "simulate", "fit"])
+@pytest.mark.parametrize("command", ["models", "simulate", "fit", "check"])
 def test_help_has_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
