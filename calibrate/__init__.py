@@ -12,6 +12,9 @@ garbage that is discarded anyway. Failures are reported through `RESULTS` codes.
 import os
 
 
+__version__ = "0.1.0"
+
+
 if "EQX_ON_ERROR" not in os.environ:
     os.environ["EQX_ON_ERROR"] = "nan"
     import equinox._config
@@ -36,6 +39,7 @@ from ._data import (  # noqa: E402
     load_measurements as load_measurements,
     read_table as read_table,
 )
+from ._checkpoint import Checkpoint as Checkpoint, CheckpointError as CheckpointError  # noqa: E402
 from ._conditions import (  # noqa: E402
     conditions_from_frame as conditions_from_frame,
     with_conditions as with_conditions,
@@ -153,5 +157,3 @@ from ._zoo import (  # noqa: E402
     zoo_names as zoo_names,
 )
 
-
-__version__ = "0.1.0"

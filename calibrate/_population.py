@@ -48,6 +48,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from ._batching import default_chunk_size, map_individuals
+from ._checkpoint import Checkpoint
 from ._data import Dataset, Measurements
 from ._hypergrad import (
     AbstractHypergradient,
@@ -400,8 +401,11 @@ class AbstractOuterOptimiser(eqx.Module):
     fits warm-started from the last accepted step)."""
 
     @abc.abstractmethod
-    def run(self, evaluate, theta, starts, callback) -> tuple[Any, Any, int, bool]:
-        """Minimise; returns `(theta, starts, steps, converged)`."""
+    def run(self, evaluate, theta, starts, callback, checkpoint: Checkpoint | None = None,
+            resume: bool = False) -> tuple[Any, Any, int, bool]:
+        """Minimise; returns `(theta, starts, steps, converged)`. With `checkpoint`,
+        saves position and optimiser state when due; with `resume`, `theta` and
+        `starts` are the checkpoint's and the optimiser continues from its state."""
 
 
 class QuasiNewton(AbstractOuterOptimiser):
@@ -422,13 +426,18 @@ class QuasiNewton(AbstractOuterOptimiser):
     decrement_tol: float = 1e-4
     max_steps: int = eqx.field(static=True, default=100)
 
-    def run(self, evaluate, theta, starts, callback):
+    def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False):
         solver = optx.BFGS(rtol=self.rtol, atol=self.atol)
         options: dict = {}
         tags = frozenset()
         first = evaluate(theta, starts)
-        # Scaled so that the first (steepest-descent) step has unit length in θ.
-        scale = 1.0 / max(1.0, float(jnp.linalg.norm(ravel_pytree(first.gradient)[0])))
+        if resume:
+            meta = checkpoint.meta()
+            scale, done = float(meta["scale"]), int(meta["step"])
+        else:
+            # Scaled so that the first (steepest-descent) step has unit length in θ.
+            scale = 1.0 / max(1.0, float(jnp.linalg.norm(ravel_pytree(first.gradient)[0])))
+            done = 0
 
         def packed(e, starts):
             gradient = jax.tree.map(lambda g: scale * g, e.gradient)
@@ -454,23 +463,28 @@ class QuasiNewton(AbstractOuterOptimiser):
                 ravel_pytree(state.f_info.hessian_inv.mv(state.f_info.grad))[0],
             )
         )
+        if resume:
+            state = checkpoint.optimiser_state(state)
         size = ravel_pytree(theta)[0].size
         converged = False
-        steps = 0
-        for steps in range(1, self.max_steps + 1):
+        steps = done
+        for steps in range(done + 1, self.max_steps + 1):
             # optimistix evaluates the objective at `state.y_eval`; do it here.
             e = first if steps == 1 else evaluate(state.y_eval, starts)
             evaluation = packed(e, starts)
             theta, state, starts = step(theta, state, evaluation)
             callback(steps, theta, float(state.f_info.f) / scale)
-            done, result = terminate(theta, state, evaluation)
-            if bool(done):
+            finished, result = terminate(theta, state, evaluation)
+            if bool(finished):
                 converged = bool(result == optx.RESULTS.successful)
-                break
             # Scaled objective and gradient: gᵀB⁻¹g carries one factor of `scale`.
-            if (int(state.num_accepted_steps) >= size
+            elif (int(state.num_accepted_steps) >= size
                     and float(decrement(state)) / scale < self.decrement_tol):
-                converged = True
+                finished = converged = True
+            if checkpoint is not None and (checkpoint.due(steps) or finished):
+                checkpoint.save(steps, {"theta": theta, "starts": starts}, state,
+                                {"scale": scale})
+            if finished:
                 break
         return theta, starts, steps, converged
 
@@ -482,21 +496,29 @@ class FirstOrder(AbstractOuterOptimiser):
     steps: int = eqx.field(static=True, default=200)
     gtol: float = 1e-6
 
-    def run(self, evaluate, theta, starts, callback):
+    def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False):
         transformation = self.transformation or optax.adam(0.05)
         state = transformation.init(theta)
+        done = 0
+        if resume:
+            state = checkpoint.optimiser_state(state)
+            done = int(checkpoint.meta()["step"])
         update = eqx.filter_jit(
             lambda g, state, theta: transformation.update(g, state, theta)
         )
-        for step in range(1, self.steps + 1):
+        for step in range(done + 1, self.steps + 1):
             e = evaluate(theta, starts)
             starts = _accepted_starts(e.hypergradients, starts)
             callback(step, theta, float(e.value))
             flat, _ = ravel_pytree(e.gradient)
             if float(jnp.linalg.norm(flat)) < self.gtol:
+                if checkpoint is not None:
+                    checkpoint.save(step, {"theta": theta, "starts": starts}, state, {})
                 return theta, starts, step, True
             updates, state = update(e.gradient, state, theta)
             theta = optax.apply_updates(theta, updates)
+            if checkpoint is not None and (checkpoint.due(step) or step == self.steps):
+                checkpoint.save(step, {"theta": theta, "starts": starts}, state, {})
         return theta, starts, self.steps, False
 
 
@@ -689,6 +711,8 @@ def calibrate_population(
     standard_errors: bool = True,
     cold_start_rounds: int = 4,
     callback=None,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
 ) -> PopulationResult:
     """Calibrate a population model to `data` (see the module docstring for the maths).
 
@@ -716,6 +740,9 @@ def calibrate_population(
     - `standard_errors`: compute the outer Hessian by central differences of the
       hypergradient (2 × dim θ extra evaluations).
     - `callback(step, theta, objective)`: called after every outer step.
+    - `checkpoint`: a `Checkpoint(path, every)`: the outer loop saves θ, the inner
+      solutions, the optimiser's state and the history when due; with `resume=True` it
+      continues from that file and reaches the result the uninterrupted run reaches.
     """
     check_supported(hypergradient, sensitivity)
     setup = population_setup(
@@ -732,9 +759,20 @@ def calibrate_population(
         if callback is not None:
             callback(step, theta, value)
 
-    theta = setup.theta
-    starts = setup.converge_inner(hypergradient, theta, setup.starts, cold_start_rounds)
-    theta, starts, steps, converged = outer.run(evaluate, theta, starts, record)
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs a `checkpoint`")
+        position = checkpoint.position({"theta": setup.theta, "starts": setup.starts})
+        theta, starts = position["theta"], position["starts"]
+        history.extend(checkpoint.meta().get("history", []))
+    else:
+        theta = setup.theta
+        starts = setup.converge_inner(hypergradient, theta, setup.starts, cold_start_rounds)
+    if checkpoint is not None:
+        # The optimisers save position and state; the history rides along.
+        checkpoint = checkpoint.with_meta(lambda: {"history": history})
+    theta, starts, steps, converged = outer.run(evaluate, theta, starts, record,
+                                                checkpoint=checkpoint, resume=resume)
     final = evaluate(theta, starts)
     h = final.hypergradients
     flat_theta, _ = ravel_pytree(theta)

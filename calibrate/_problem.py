@@ -23,6 +23,7 @@ optimiser = "bfgs"                  # bfgs | adam
 max_steps = 100
 learning_rate = 0.05                # adam
 standard_errors = true
+checkpoint_every = 1                # outer steps between checkpoints (`fit --resume`)
 
 [individual]                        # problems without random or fixed effects
 starts = 0                          # extra Sobol start points per individual
@@ -54,6 +55,7 @@ file.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -63,6 +65,7 @@ from typing import Any
 
 import optax
 
+from . import __version__
 from ._conditions import conditions_from_frame, with_conditions
 from ._data import DataError, Dataset, Issue, dataset_for_model, read_table
 from ._fit import SobolStarts
@@ -96,7 +99,7 @@ from ._simulate import Integrator
 ROLES = ("random", "fixed", "individual", "constant")
 _SECTIONS = {
     "population": {"objective", "holdout", "covariance", "penalty", "optimiser",
-                   "max_steps", "learning_rate", "standard_errors"},
+                   "max_steps", "learning_rate", "standard_errors", "checkpoint_every"},
     "individual": {"starts", "max_steps"},
     "ode": {"rtol", "atol", "max_steps"},
     "inner": {"max_steps"},
@@ -124,6 +127,7 @@ _DEFAULTS = {
     ("population", "max_steps"): 100,
     ("population", "learning_rate"): 0.05,
     ("population", "standard_errors"): True,
+    ("population", "checkpoint_every"): 1,
     ("individual", "starts"): 0,
     ("individual", "max_steps"): 256,
     ("ode", "rtol"): 1e-8,
@@ -135,7 +139,7 @@ _DEFAULTS = {
     ("hypergradient", "linear_solver"): "direct",
     ("hypergradient", "stationarity_tol"): 1e-5,
 }
-_POSITIVE_INTEGERS = {("population", "max_steps"), ("individual", "max_steps"),
+_POSITIVE_INTEGERS = {("population", "max_steps"), ("population", "checkpoint_every"), ("individual", "max_steps"),
                       ("ode", "max_steps"), ("inner", "max_steps")}
 _POSITIVE_NUMBERS = {("ode", "rtol"), ("ode", "atol"), ("population", "learning_rate"),
                      ("hypergradient", "stationarity_tol")}
@@ -164,6 +168,14 @@ class Problem:
     seed: int
     settings: dict[str, dict[str, Any]]
     files: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the problem file, every file it names and the version: a
+        checkpoint of one problem is never resumed for another."""
+        digest = hashlib.sha256(__version__.encode())
+        for role in sorted(self.files):
+            digest.update(role.encode() + b"\0" + Path(self.files[role]).read_bytes())
+        return digest.hexdigest()
 
     @property
     def hierarchical(self) -> bool:

@@ -44,6 +44,7 @@ from rich.table import Table
 import calibrate as cal
 
 from . import _report as report
+from ._batching import default_chunk_size, map_individuals
 from ._io import write_csv_atomic, write_json_atomic
 from ._modelspec import did_you_mean as _did_you_mean, resolve_model
 
@@ -290,12 +291,15 @@ def models():
     epilog="Examples:\n\n"
     "  [bold]calibrate simulate reference --param p=2 --times 0:10:101 --out x.csv[/]\n\n"
     "  [bold]calibrate simulate enzyme_kinetics --param kf=3,kcat=0.2[/]\n\n"
-    "  [bold]calibrate simulate my_model.py:Toggle --times 0,1,2,5,10[/]",
+    "  [bold]calibrate simulate my_model.py:Toggle --times 0,1,2,5,10[/]\n\n"
+    "  [bold]calibrate simulate examples/dosing/problem.toml --param p=2 --out doses.csv[/]",
 )
 @handle_errors
 def simulate(
     model: Annotated[str, typer.Argument(
-        help="Zoo model name or path/to/file.py:ClassName.", show_default=False)],
+        metavar="MODEL|PROBLEM",
+        help="Zoo model name, path/to/file.py:ClassName, or a problem file "
+        "(PROBLEM.toml).", show_default=False)],
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", metavar="NAME=VALUE",
         help="Set a parameter (repeatable, or comma-separated); others keep their "
@@ -314,12 +318,24 @@ def simulate(
     atol: Annotated[float, typer.Option(
         help="Absolute tolerance of the ODE solver.")] = _DEFAULTS.atol,
 ):
-    """Simulate MODEL and write its trajectory as long-format CSV.
+    """Simulate MODEL, or every individual of PROBLEM.toml, as long-format CSV.
 
     Columns: time, kind ("observable" or "state"), name, value: one
-    row per time and variable, observables first.
+    row per time and variable, observables first. For a problem file,
+    an `individual` column comes first: each individual is simulated
+    with its own conditions (inputs) at the problem's start values
+    (changed with --param), at --times or else at 101 times from t0 to
+    its last measurement.
     """
     _check_tolerances(rtol, atol)
+    if model.strip().lower().endswith(".toml"):
+        frame = simulate_problem(Path(model), param, times, states, rtol, atol)
+        if out is None:
+            sys.stdout.write(frame.to_csv(index=False, lineterminator="\n"))
+        else:
+            write_csv_atomic(out, frame)
+            _stderr().print(f"wrote {len(frame)} rows to {out}", markup=False)
+        return
     resolved = resolve_model(model)
     m = resolved.model
     values = parse_assignments(param, "--param")
@@ -345,6 +361,50 @@ def simulate(
     else:
         write_csv_atomic(out, frame)
         _stderr().print(f"wrote {len(frame)} rows to {out}", markup=False)
+
+
+def simulate_problem(path: Path, param, times: str | None, states: bool, rtol: float,
+                     atol: float) -> pd.DataFrame:
+    """Every individual of a problem, with its conditions, at the start values."""
+    problem = cal.load_problem(path)
+    m = problem.model
+    values = parse_assignments(param, "--param")
+    check_parameter_names(m, values, "--param")
+    params = m.parameter_space.complete({**problem.start, **values})
+    data = problem.data
+    n = len(data)
+    if times is not None:
+        grid = np.broadcast_to(parse_times(times, m.t0), (n, len(parse_times(times, m.t0))))
+    else:
+        end = np.maximum(np.asarray(data.measurements.times).max(axis=1), m.t0 + 1e-9)
+        grid = m.t0 + (end[:, None] - m.t0) * np.linspace(0, 1, 101)[None, :]
+    inputs = data.inputs
+    if inputs is None:
+        inputs = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))),
+                              m.default_inputs())
+    integrator = cal.Integrator(rtol=rtol, atol=atol)
+    chunk = default_chunk_size(n, len(m.states) ** 3)
+    trajectories = _simulate_batch(m, params, jax.numpy.asarray(grid), inputs, integrator,
+                                   chunk)
+    frames = []
+    for i, individual in enumerate(data.individuals):
+        trajectory = jax.tree.map(lambda x: x[i], trajectories)
+        if not bool(trajectory.ok):
+            code = cal.result_code(trajectory.result)
+            raise CLIError(f"the simulation of {individual} failed "
+                           f"({cal.result_name(code)}): {cal.result_message(code)}",
+                           exit_code=EXIT_RUNTIME_ERROR)
+        frame = trajectory_frame(m, trajectory, states=states)
+        frame.insert(0, "individual", individual)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _simulate_batch(model, params, times, inputs, integrator, chunk_size):
+    return map_individuals(
+        lambda t, u: cal.simulate(model, params, t, inputs=u, integrator=integrator),
+        (times, inputs), (0, 0), chunk_size)
 
 
 def trajectory_frame(model: cal.AbstractODEModel, trajectory: cal.Trajectory, *,
@@ -487,6 +547,8 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
 @app.command(
     epilog="Examples:\n\n"
     "  [bold]calibrate fit examples/dosing/problem.toml --out results/dosing[/]\n\n"
+    "  [bold]calibrate fit examples/dosing/problem.toml --out results/dosing --resume[/]"
+    "\n\n"
     "  [bold]calibrate fit enzyme_kinetics examples/enzyme_kinetics/measurements.csv "
     "--out results/enzyme[/]\n\n"
     "  [bold]calibrate fit enzyme_kinetics data.csv --out fits --estimate kf,kcat "
@@ -528,6 +590,10 @@ def fit(
     atol: Annotated[float | None, typer.Option(
         help=f"Absolute tolerance of the ODE solver (default {_DEFAULTS.atol:g}).",
         show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With a hierarchical PROBLEM.toml: continue an interrupted "
+        "fit from DIR/checkpoint.bin (written every [population] checkpoint_every "
+        "outer steps); the result is the one the uninterrupted run gives.")] = False,
 ):
     """Fit a problem file, or MODEL to each individual in DATA.
 
@@ -558,7 +624,9 @@ def fit(
         if given:
             raise CLIError(f"{', '.join(given)}: with a problem file, give these "
                            "settings in the file")
-        return fit_problem(Path(model), out)
+        return fit_problem(Path(model), out, resume=resume)
+    if resume:
+        raise CLIError("--resume needs a hierarchical PROBLEM.toml")
     if data is None:
         raise CLIError(f"{model}: give the measurements file after the model "
                        "(calibrate fit MODEL DATA --out DIR), or a PROBLEM.toml")
@@ -577,7 +645,9 @@ def fit(
         if given:
             raise CLIError(f"{', '.join(given)}: with a problem file, give these "
                            "settings in the file")
-        return fit_problem(Path(model), out)
+        return fit_problem(Path(model), out, resume=resume)
+    if resume:
+        raise CLIError("--resume needs a hierarchical PROBLEM.toml")
     if data is None:
         raise CLIError(f"{model}: give the measurements file after the model "
                        "(calibrate fit MODEL DATA --out DIR), or a PROBLEM.toml")
@@ -821,30 +891,54 @@ def _figures_and_report(problem: cal.Problem, out: Path, predictions: pd.DataFra
     return [path for _, path in figures] + [page]
 
 
-def fit_problem(path: Path, out: Path) -> None:
-    """`calibrate fit PROBLEM.toml --out DIR`."""
+CHECKPOINT = "checkpoint.bin"
+
+
+def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
+    """`calibrate fit PROBLEM.toml --out DIR [--resume]`."""
     problem = cal.load_problem(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     if not problem.hierarchical:
+        if resume:
+            raise CLIError("--resume: only hierarchical problems have an outer loop to "
+                           "resume; this one fits each individual on its own")
+        out.mkdir(parents=True, exist_ok=True)
         _fit_problem_individually(problem, out, started)
         return
+    checkpoint = cal.Checkpoint(out / CHECKPOINT,
+                                every=problem.settings["population"]["checkpoint_every"],
+                                fingerprint=problem.fingerprint())
+    done = 0
+    if resume:
+        done = checkpoint.meta()["step"]  # CheckpointError (exit 2) if none or foreign
+    out.mkdir(parents=True, exist_ok=True)
     arguments = problem.population_arguments()
     max_steps = problem.settings["population"]["max_steps"]
     n = len(problem.data)
     with _progress() as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", cal.HypergradientWarning)
         task = progress.add_task(
-            f"compiling, then fitting {n} individuals from the start values", total=max_steps)
+            f"compiling, then resuming after outer step {done}" if resume else
+            f"compiling, then fitting {n} individuals from the start values",
+            total=max_steps, completed=done)
 
         def callback(step, theta, value):
             progress.update(task, completed=step,
                             description=f"outer step {step}: objective {value:.6g}")
 
-        result = cal.calibrate_population(problem.model, problem.data, callback=callback,
-                                          **arguments)
+        try:
+            result = cal.calibrate_population(
+                problem.model, problem.data, callback=callback, checkpoint=checkpoint,
+                resume=resume, **arguments)
+        except KeyboardInterrupt:
+            progress.stop()
+            saved = (f"the checkpoint after outer step {checkpoint.meta()['step']} is in "
+                     f"{checkpoint.path}; continue with --resume"
+                     if checkpoint.path.exists() else "no checkpoint was written yet")
+            _stderr().print(f"interrupted: {saved}", markup=False)
+            raise typer.Exit(130) from None
         progress.update(task, total=result.outer_steps, completed=result.outer_steps,
                         description=f"done after {result.outer_steps} outer steps "
                         f"({'converged' if result.converged else 'not converged'})")
@@ -894,7 +988,9 @@ def fit_problem(path: Path, out: Path) -> None:
                 ("Diagnostics", diagnostics)],
         history=result.history, population=result.population)
     written.append(write_json_atomic(out / "run.json", run_record(
-        problem, started, outputs=[p.name for p in written])))
+        problem, started, outputs=[p.name for p in written], resumed=resume)))
+    # Every result is written: a later --resume would only repeat the last step.
+    checkpoint.path.unlink(missing_ok=True)
     stdout = _stdout()
     stdout.print(_population_table(result, problem.model.name))
     console = _stderr()
@@ -950,8 +1046,25 @@ def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
         f"successful; wrote {', '.join(p.name for p in written)} to {out}", markup=False)
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled functions on disk across runs (`CALIBRATE_CACHE_DIR`, default
+    ~/.cache/calibrate/jax; `off` disables): a second fit of a problem of the same
+    shapes skips most of its compile time."""
+    setting = os.environ.get("CALIBRATE_CACHE_DIR", "")
+    if setting.lower() == "off":
+        return
+    directory = Path(setting) if setting else Path.home() / ".cache" / "calibrate" / "jax"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # a read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main() -> None:
     """Entry point of the `calibrate` console script."""
+    _enable_compilation_cache()
     app(prog_name="calibrate")
 
 

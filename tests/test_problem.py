@@ -5,6 +5,7 @@ Every bad input is caught before any ODE is solved, so these tests compile nothi
 but the batched prediction of the reference model.
 """
 
+import io
 import json
 import shutil
 import textwrap
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
 import calibrate as cal
@@ -350,3 +352,132 @@ def test_fit_problem_without_hierarchy_fits_each_individual(tmp_path):
     assert {"parameters.csv", "fits.png", "report.html"} <= set(run["outputs"])
     assert (out / "fits.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "convergence.png").exists()
+
+
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(dosing_runs, tmp_path,
+                                                             monkeypatch):
+    """Ctrl-C during outer step 5 (after the checkpoint of step 4), then `--resume`:
+    the same files, byte for byte, as the run that was never interrupted."""
+    import calibrate.cli as cli
+
+    (reference, _), _ = dosing_runs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    original = cli._progress
+
+    class InterruptedProgress(type(original())):
+        def update(self, task, **kwargs):
+            if kwargs.get("completed") == 5:
+                raise KeyboardInterrupt
+            super().update(task, **kwargs)
+
+    monkeypatch.setattr(cli, "_progress", lambda: InterruptedProgress(console=cli._stderr()))
+    args = ["fit", str(DOSING / "problem.toml"), "--out", str(out)]
+    interrupted = runner.invoke(app, args)
+    assert interrupted.exit_code == 130, interrupted.output
+    assert "after outer step 4" in interrupted.stderr and "--resume" in interrupted.stderr
+    assert cal.Checkpoint(out / "checkpoint.bin").path.exists()
+    assert not (out / "population.csv").exists() and (out / "notes.txt").exists()
+    monkeypatch.setattr(cli, "_progress", original)
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    for name in ("population.csv", "individuals.csv", "predictions.csv", "history.csv"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert json.loads((out / "run.json").read_text())["resumed"] is True
+    assert not (out / "checkpoint.bin").exists()  # finished: nothing left to resume
+    again = runner.invoke(app, [*args, "--resume"])
+    assert again.exit_code == 2 and "no checkpoint to resume from" in again.stderr
+
+
+def test_checkpoint_of_another_problem_is_refused(tmp_path):
+    checkpoint = cal.Checkpoint(tmp_path / "c.bin", fingerprint="a")
+    checkpoint.save(3, {"x": jnp.ones(2)}, {"y": jnp.zeros(1)}, {"scale": 0.5})
+    assert checkpoint.meta()["step"] == 3 and checkpoint.meta()["scale"] == 0.5
+    np.testing.assert_array_equal(checkpoint.position({"x": jnp.zeros(2)})["x"], [1, 1])
+    with pytest.raises(cal.CheckpointError, match="another problem"):
+        cal.Checkpoint(tmp_path / "c.bin", fingerprint="b").meta()
+    (tmp_path / "c.bin").write_bytes((tmp_path / "c.bin").read_bytes()[:-3])
+    with pytest.raises(cal.CheckpointError, match="truncated"):
+        checkpoint.meta()
+
+
+# --------------------------------------------------------------------------------------
+# Property-based: malformed conditions tables and problem files never crash the loader
+
+REFERENCE_MODEL = cal.zoo_model("reference")
+_CELLS = st.one_of(st.sampled_from(["", "nan", "inf", "-1", "0", "2.5", "x", "1e400"]),
+                   st.floats(allow_nan=True, allow_infinity=True).map(repr))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c", ""]),
+                               st.sampled_from(["u", "v", ""]), _CELLS, _CELLS),
+                     max_size=6),
+       columns=st.permutations(["individual", "input", "time", "value"]))
+def test_conditions_loader_reports_or_accepts_any_table(rows, columns):
+    frame = pd.DataFrame(rows, columns=["individual", "input", "time", "value"])[columns]
+    try:
+        inputs = cal.conditions_from_frame(frame, REFERENCE_MODEL, ["a", "b"],
+                                           source="c.csv")
+    except cal.DataError as error:
+        assert error.issues
+        for issue in error.issues:
+            assert issue.file == "c.csv" and issue.message
+            assert issue.row is not None or issue.column is not None or not rows
+    else:
+        assert np.asarray(inputs["u"].times).shape[0] == 2
+        assert np.all(np.isfinite(np.asarray(inputs["u"].values)))
+
+
+_TOML_VALUES = st.one_of(st.integers(-3, 5).map(str), st.sampled_from(
+    ['"laplace"', '"bfgs"', '"random"', '"x"', "true", "0.5", "-1.0", "1e-8", '""',
+     "[1, 2]", "{ role = \"fixed\" }", "nan", "inf"]))
+_TOML_KEYS = st.sampled_from(
+    ["seed", "population.objective", "population.max_steps", "population.holdout",
+     "population.penalty", "ode.rtol", "ode.max_steps", "parameters.p.role",
+     "parameters.p.start", "parameters.p.sd", "parameters.q.lower", "parameters.q.upper",
+     "parameters.q.scale", "parameters.z.role", "hypergradient.linear_solver",
+     "sensitivity.method", "individual.starts", "colour", "inner.max_steps"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries=st.dictionaries(_TOML_KEYS, _TOML_VALUES, max_size=6))
+def test_problem_loader_reports_or_accepts_any_settings(tmp_path_factory, entries):
+    directory = tmp_path_factory.mktemp("problem")
+    lines = ['model = "reference"', 'measurements = "measurements.csv"']
+    tables: dict[str, list[str]] = {}
+    for key, value in entries.items():
+        table, _, name = key.rpartition(".")
+        if table:
+            tables.setdefault(table, []).append(f"{name} = {value}")
+        else:
+            lines.append(f"{name} = {value}")
+    for table, body in tables.items():
+        lines += [f"[{table}]", *body]
+    path = write_problem(directory, "\n".join(lines) + "\n", conditions=None)
+    try:
+        problem = cal.load_problem(path)
+    except cal.DataError as error:
+        assert error.issues and all(i.message for i in error.issues)
+        assert all(i.file.endswith(("problem.toml", ".csv")) for i in error.issues)
+    else:
+        assert set(problem.roles) == {"p", "q"}
+        assert problem.hierarchical or problem.fit_arguments()["estimate"]
+
+
+def test_simulate_problem_uses_each_individuals_conditions():
+    result = runner.invoke(app, ["simulate", str(DOSING / "problem.toml"), "--param", "p=2",
+                                 "--times", "0:10:5", "--no-states"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(io.StringIO(result.stdout))
+    assert list(frame.columns) == ["individual", "time", "kind", "name", "value"]
+    conditions = pd.read_csv(DOSING / "conditions.csv")
+    for ind in ("subject01", "subject12"):
+        schedule = conditions[conditions.individual == ind].sort_values("time")
+        dose, stop = schedule["value"].iloc[0], schedule["time"].iloc[1]
+        t = np.linspace(0, 10, 5)
+        exact = 1.0 * np.exp(-t) + 2 * dose * (1 - np.exp(-np.minimum(t, stop))) * np.exp(
+            -np.maximum(t - stop, 0))  # q starts at 1 in the problem file
+        np.testing.assert_allclose(frame[frame.individual == ind]["value"], exact,
+                                   rtol=1e-6, atol=1e-8)
