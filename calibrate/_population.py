@@ -403,7 +403,8 @@ class AbstractOuterOptimiser(eqx.Module):
     @abc.abstractmethod
     def run(self, evaluate, theta, starts, callback, checkpoint: Checkpoint | None = None,
             resume: bool = False) -> tuple[Any, Any, int, bool]:
-        """Minimise; returns `(theta, starts, steps, converged)`. With `checkpoint`,
+        """Minimise; returns `(theta, starts, steps, converged)`, calling
+        `callback(step, theta, objective, hypergradients)` after each step. With `checkpoint`,
         saves position and optimiser state when due; with `resume`, `theta` and
         `starts` are the checkpoint's and the optimiser continues from its state."""
 
@@ -473,7 +474,7 @@ class QuasiNewton(AbstractOuterOptimiser):
             e = first if steps == 1 else evaluate(state.y_eval, starts)
             evaluation = packed(e, starts)
             theta, state, starts = step(theta, state, evaluation)
-            callback(steps, theta, float(state.f_info.f) / scale)
+            callback(steps, theta, float(state.f_info.f) / scale, e.hypergradients)
             finished, result = terminate(theta, state, evaluation)
             if bool(finished):
                 converged = bool(result == optx.RESULTS.successful)
@@ -509,7 +510,7 @@ class FirstOrder(AbstractOuterOptimiser):
         for step in range(done + 1, self.steps + 1):
             e = evaluate(theta, starts)
             starts = _accepted_starts(e.hypergradients, starts)
-            callback(step, theta, float(e.value))
+            callback(step, theta, float(e.value), e.hypergradients)
             flat, _ = ravel_pytree(e.gradient)
             if float(jnp.linalg.norm(flat)) < self.gtol:
                 if checkpoint is not None:
@@ -739,7 +740,9 @@ def calibrate_population(
     - `outer`: `QuasiNewton()` (optimistix BFGS, default) or `FirstOrder(optax...)`.
     - `standard_errors`: compute the outer Hessian by central differences of the
       hypergradient (2 × dim θ extra evaluations).
-    - `callback(step, theta, objective)`: called after every outer step.
+    - `callback(step, theta, objective, hypergradients)`: called after every outer step
+      with the per-individual diagnostics (`Hypergradient`: stationarity, result, ...)
+      of the step's evaluation.
     - `checkpoint`: a `Checkpoint(path, every)`: the outer loop saves θ, the inner
       solutions, the optimiser's state and the history when due; with `resume=True` it
       continues from that file and reaches the result the uninterrupted run reaches.
@@ -754,10 +757,10 @@ def calibrate_population(
     evaluate = lambda theta, starts: setup.evaluate(hypergradient, theta, starts)
     history = []
 
-    def record(step, theta, value):
+    def record(step, theta, value, hypergradients):
         history.append({"step": step, "objective": value})
         if callback is not None:
-            callback(step, theta, value)
+            callback(step, theta, value, hypergradients)
 
     if resume:
         if checkpoint is None:

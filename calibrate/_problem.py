@@ -269,6 +269,13 @@ def _read_toml(path: Path) -> dict:
         raise ProblemError([Issue(source, "not a text file")]) from None
 
 
+def _report_unknown(given, known, source: str, prefix: str, issues: list[Issue]) -> None:
+    for key in given:
+        if key not in known:
+            issues.append(Issue(source, f"unknown setting{did_you_mean(key, known)}; "
+                                f"known: {', '.join(sorted(known))}", key=f"{prefix}{key}"))
+
+
 def _settings(raw: dict, source: str, issues: list[Issue]) -> dict[str, dict[str, Any]]:
     settings: dict[str, dict[str, Any]] = {}
     for section, keys in _SECTIONS.items():
@@ -276,11 +283,7 @@ def _settings(raw: dict, source: str, issues: list[Issue]) -> dict[str, dict[str
         if not isinstance(given, dict):
             issues.append(Issue(source, f"must be a table ([{section}])", key=section))
             given = {}
-        for key in given:
-            if key not in keys:
-                issues.append(Issue(source, f"unknown setting{did_you_mean(key, keys)}; "
-                                    f"known: {', '.join(sorted(keys))}",
-                                    key=f"{section}.{key}"))
+        _report_unknown(given, keys, source, f"{section}.", issues)
         values = {}
         for key in sorted(keys):
             default = _DEFAULTS[(section, key)]
@@ -342,11 +345,7 @@ def _parameters(raw: Any, model: AbstractODEModel, source: str, issues: list[Iss
             issues.append(Issue(source, "must be a table, e.g. { role = \"random\" }",
                                 key=where))
             spec = {}
-        for key in spec:
-            if key not in _PARAMETER_KEYS:
-                issues.append(Issue(source, f"unknown key{did_you_mean(key, _PARAMETER_KEYS)}"
-                                    f"; known: {', '.join(sorted(_PARAMETER_KEYS))}",
-                                    key=f"{where}.{key}"))
+        _report_unknown(spec, _PARAMETER_KEYS, source, f"{where}.", issues)
         role = spec.get("role", "individual" if p.estimate else "constant")
         if role not in ROLES:
             issues.append(Issue(source, f"{role!r} is not one of {', '.join(ROLES)}"
@@ -438,10 +437,7 @@ def load_problem(path: str | Path) -> Problem:
     raw = _read_toml(path)
     base = path.parent
     issues: list[Issue] = []
-    for key in raw:
-        if key not in _TOP:
-            issues.append(Issue(source, f"unknown setting{did_you_mean(key, _TOP)}; known: "
-                                f"{', '.join(sorted(_TOP))}", key=key))
+    _report_unknown(raw, _TOP, source, "", issues)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         issues.append(Issue(source, f"{seed!r} is not a non-negative integer", key="seed"))

@@ -605,8 +605,9 @@ def fit(
     effects fits each individual on its own, as below, plus
     predictions.csv and run.json.
 
-    With MODEL DATA (maximum likelihood per individual): writes DIR/parameters.csv (one row per individual: estimates,
-    standard errors, loss, grad_norm, steps, status) and
+    With MODEL DATA (maximum likelihood per individual): writes
+    DIR/parameters.csv (one row per individual: estimates, standard
+    errors, loss, grad_norm, steps, status) and
     DIR/parameters.json (the same plus the messages of failed fits,
     the settings and versions), and prints a summary table.
 
@@ -614,27 +615,6 @@ def fit(
     log-scale parameters). The exit status is 0 once the results are
     written, even if some fits did not converge (see their status).
     """
-    if model.strip().lower().endswith(".toml"):
-        given = [f"--{name.replace('_', '-')}" for name, value in (
-            ("estimate", estimate), ("fix", fix), ("starts", starts), ("seed", seed),
-            ("max_steps", max_steps), ("rtol", rtol), ("atol", atol)) if value is not None]
-        if data is not None:
-            raise CLIError(f"{model} is a problem file: it names its data itself; "
-                           f"drop {data}")
-        if given:
-            raise CLIError(f"{', '.join(given)}: with a problem file, give these "
-                           "settings in the file")
-        return fit_problem(Path(model), out, resume=resume)
-    if resume:
-        raise CLIError("--resume needs a hierarchical PROBLEM.toml")
-    if data is None:
-        raise CLIError(f"{model}: give the measurements file after the model "
-                       "(calibrate fit MODEL DATA --out DIR), or a PROBLEM.toml")
-    starts = 0 if starts is None else starts
-    seed = 0 if seed is None else seed
-    max_steps = 256 if max_steps is None else max_steps
-    rtol = _DEFAULTS.rtol if rtol is None else rtol
-    atol = _DEFAULTS.atol if atol is None else atol
     if model.strip().lower().endswith(".toml"):
         given = [f"--{name.replace('_', '-')}" for name, value in (
             ("estimate", estimate), ("fix", fix), ("starts", starts), ("seed", seed),
@@ -924,9 +904,13 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
             f"compiling, then fitting {n} individuals from the start values",
             total=max_steps, completed=done)
 
-        def callback(step, theta, value):
-            progress.update(task, completed=step,
-                            description=f"outer step {step}: objective {value:.6g}")
+        def callback(step, theta, value, hypergradients):
+            stationary = int(np.sum(np.asarray(hypergradients.stationarity)
+                                    <= np.asarray(hypergradients.stationarity_bound)))
+            failed = int(np.sum(~np.isfinite(np.asarray(hypergradients.outer_loss))))
+            progress.update(task, completed=step, description=(
+                f"outer step {step}: objective {value:.6g}, {stationary}/{n} inner fits "
+                f"stationary" + (f", {failed} failed solves" if failed else "")))
 
         try:
             result = cal.calibrate_population(

@@ -268,16 +268,35 @@ DOSING_Q = [1.6537, 2.1844, 2.3354, 1.7071, 1.6912, 2.2748, 2.4281, 2.3967, 2.31
 
 @pytest.fixture(scope="module")
 def dosing_runs(tmp_path_factory):
-    """The example fitted twice, into two directories (the second reuses the
-    compiled functions)."""
+    """The example fitted twice: straight through, and with Ctrl-C during outer step 5
+    (after the checkpoint of step 4) followed by `--resume`. The second run reuses the
+    first's compiled functions."""
+    import calibrate.cli as cli
+
     outs = [tmp_path_factory.mktemp("dosing") for _ in range(2)]
-    results = [runner.invoke(app, ["fit", str(DOSING / "problem.toml"), "--out", str(out)])
-               for out in outs]
-    return outs, results
+    args = lambda out: ["fit", str(DOSING / "problem.toml"), "--out", str(out)]
+    straight = runner.invoke(app, args(outs[0]))
+    (outs[1] / "notes.txt").write_text("kept")
+    original = cli._progress
+
+    class InterruptedProgress(type(original())):
+        def update(self, task, **kwargs):
+            if kwargs.get("completed") == 5:
+                raise KeyboardInterrupt
+            super().update(task, **kwargs)
+
+    cli._progress = lambda: InterruptedProgress(console=cli._stderr())
+    try:
+        interrupted = runner.invoke(app, args(outs[1]))
+    finally:
+        cli._progress = original
+    files_after_interrupt = sorted(p.name for p in outs[1].iterdir())
+    resumed = runner.invoke(app, [*args(outs[1]), "--resume"])
+    return outs, (straight, interrupted, resumed), files_after_interrupt
 
 
 def test_fit_problem_recovers_the_dosing_population(dosing_runs):
-    (out, _), (result, _) = dosing_runs
+    (out, _), (result, _, _), _ = dosing_runs
     assert result.exit_code == 0, (result.output, result.exception)
     population = pd.read_csv(out / "population.csv")
     row = lambda name, kind: population[(population.parameter == name)
@@ -322,11 +341,24 @@ def test_fit_problem_recovers_the_dosing_population(dosing_runs):
     assert f"{mean_q.estimate:.6g}" in page and "subject12" in page
 
 
-def test_fit_problem_is_reproducible(dosing_runs):
-    outs, results = dosing_runs
-    assert all(r.exit_code == 0 for r in results)
-    for name in ("population.csv", "individuals.csv", "predictions.csv", "history.csv"):
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(dosing_runs):
+    """Same inputs and seed: the interrupted-and-resumed run writes the same files,
+    byte for byte, as the run that went straight through."""
+    outs, (straight, interrupted, resumed), files_after_interrupt = dosing_runs
+    assert straight.exit_code == 0
+    assert interrupted.exit_code == 130, interrupted.output
+    assert "after outer step 4" in interrupted.stderr and "--resume" in interrupted.stderr
+    assert files_after_interrupt == ["checkpoint.bin", "notes.txt"]
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    for name in ("population.csv", "individuals.csv", "predictions.csv", "history.csv",
+                 "diagnostics.csv"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert json.loads((outs[1] / "run.json").read_text())["resumed"] is True
+    assert (outs[1] / "notes.txt").read_text() == "kept"
+    assert not (outs[1] / "checkpoint.bin").exists()  # finished: nothing left to resume
+    again = runner.invoke(app, ["fit", str(DOSING / "problem.toml"), "--out", str(outs[1]),
+                                "--resume"])
+    assert again.exit_code == 2 and "no checkpoint to resume from" in again.stderr
 
 
 def test_fit_problem_without_hierarchy_fits_each_individual(tmp_path):
@@ -352,42 +384,6 @@ def test_fit_problem_without_hierarchy_fits_each_individual(tmp_path):
     assert {"parameters.csv", "fits.png", "report.html"} <= set(run["outputs"])
     assert (out / "fits.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "convergence.png").exists()
-
-
-def test_interrupted_fit_resumes_to_the_uninterrupted_result(dosing_runs, tmp_path,
-                                                             monkeypatch):
-    """Ctrl-C during outer step 5 (after the checkpoint of step 4), then `--resume`:
-    the same files, byte for byte, as the run that was never interrupted."""
-    import calibrate.cli as cli
-
-    (reference, _), _ = dosing_runs
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("kept")
-    original = cli._progress
-
-    class InterruptedProgress(type(original())):
-        def update(self, task, **kwargs):
-            if kwargs.get("completed") == 5:
-                raise KeyboardInterrupt
-            super().update(task, **kwargs)
-
-    monkeypatch.setattr(cli, "_progress", lambda: InterruptedProgress(console=cli._stderr()))
-    args = ["fit", str(DOSING / "problem.toml"), "--out", str(out)]
-    interrupted = runner.invoke(app, args)
-    assert interrupted.exit_code == 130, interrupted.output
-    assert "after outer step 4" in interrupted.stderr and "--resume" in interrupted.stderr
-    assert cal.Checkpoint(out / "checkpoint.bin").path.exists()
-    assert not (out / "population.csv").exists() and (out / "notes.txt").exists()
-    monkeypatch.setattr(cli, "_progress", original)
-    resumed = runner.invoke(app, [*args, "--resume"])
-    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
-    for name in ("population.csv", "individuals.csv", "predictions.csv", "history.csv"):
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert json.loads((out / "run.json").read_text())["resumed"] is True
-    assert not (out / "checkpoint.bin").exists()  # finished: nothing left to resume
-    again = runner.invoke(app, [*args, "--resume"])
-    assert again.exit_code == 2 and "no checkpoint to resume from" in again.stderr
 
 
 def test_checkpoint_of_another_problem_is_refused(tmp_path):
