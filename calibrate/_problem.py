@@ -30,6 +30,7 @@ starts = 0                          # extra Sobol start points per individual
 max_steps = 256
 
 [ode]
+solver = "kvaerno5"                 # kvaerno5 | kencarp4 (stiff) | tsit5 | dopri5 (non-stiff)
 rtol = 1e-8
 atol = 1e-10
 max_steps = 20000
@@ -63,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffrax as dfx
 import optax
 
 from . import __version__
@@ -101,7 +103,7 @@ _SECTIONS = {
     "population": {"objective", "holdout", "covariance", "penalty", "optimiser",
                    "max_steps", "learning_rate", "standard_errors", "checkpoint_every"},
     "individual": {"starts", "max_steps"},
-    "ode": {"rtol", "atol", "max_steps"},
+    "ode": {"solver", "rtol", "atol", "max_steps"},
     "inner": {"max_steps"},
     "sensitivity": {"method"},
     "hypergradient": {"curvature", "linear_solver", "stationarity_tol"},
@@ -113,6 +115,7 @@ _CHOICES = {
     ("population", "covariance"): ("diagonal", "full"),
     ("population", "penalty"): ("none", "l2", "elastic-net"),
     ("population", "optimiser"): ("bfgs", "adam"),
+    ("ode", "solver"): ("kvaerno5", "kencarp4", "tsit5", "dopri5"),
     ("sensitivity", "method"): ("forward", "direct", "discrete-adjoint",
                                 "continuous-adjoint"),
     ("hypergradient", "curvature"): ("forward-hessian", "gauss-newton", "exact"),
@@ -130,6 +133,7 @@ _DEFAULTS = {
     ("population", "checkpoint_every"): 1,
     ("individual", "starts"): 0,
     ("individual", "max_steps"): 256,
+    ("ode", "solver"): "kvaerno5",
     ("ode", "rtol"): 1e-8,
     ("ode", "atol"): 1e-10,
     ("ode", "max_steps"): 20_000,
@@ -191,7 +195,11 @@ class Problem:
     @property
     def integrator(self) -> Integrator:
         ode = self.settings["ode"]
-        return Integrator(rtol=ode["rtol"], atol=ode["atol"], max_steps=ode["max_steps"])
+        # Kvaerno5 is the default stiff solver with its tuned chord-Newton (None).
+        solver = {"kvaerno5": None, "kencarp4": dfx.KenCarp4(), "tsit5": dfx.Tsit5(),
+                  "dopri5": dfx.Dopri5()}[ode["solver"]]
+        return Integrator(solver=solver, rtol=ode["rtol"], atol=ode["atol"],
+                          max_steps=ode["max_steps"])
 
     @property
     def sensitivity(self):

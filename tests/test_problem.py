@@ -68,6 +68,7 @@ def test_valid_problem_loads_with_its_settings(tmp_path):
     assert problem.seed == 3
     assert problem.settings["population"]["objective"] == "laplace"
     assert problem.settings["ode"]["rtol"] == 1e-8
+    assert problem.integrator.solver is None  # the default stiff solver
     arguments = problem.population_arguments()
     assert arguments["hierarchy"].random == ("p", "q")
     assert isinstance(arguments["objective"], cal.Laplace)
@@ -122,6 +123,7 @@ def test_bounds_scale_and_start_override_the_model(tmp_path):
         (lambda t: t + '\n[population]\npenalty = "l2"\n',
          ["population.penalty", "held-out data"]),
         (lambda t: t + '\n[ode]\nrtol = -1\n', ["ode.rtol", "positive number"]),
+        (lambda t: t + '\n[ode]\nsolver = "tsit"\n', ["ode.solver", "did you mean 'tsit5'"]),
         (lambda t: t + '\n[sensitivity]\nmethod = "discrete-adjoint"\n',
          ["sensitivity.method", "ForwardMode"]),
         (lambda t: t + '\n[individual]\nstarts = 4\n', ["individual", "hierarchical"]),
@@ -477,3 +479,12 @@ def test_simulate_problem_uses_each_individuals_conditions():
             -np.maximum(t - stop, 0))  # q starts at 1 in the problem file
         np.testing.assert_allclose(frame[frame.individual == ind]["value"], exact,
                                    rtol=1e-6, atol=1e-8)
+
+
+def test_ode_settings_build_the_integrator(tmp_path):
+    import diffrax
+
+    toml = GOOD + '\n[ode]\nsolver = "tsit5"\nrtol = 1e-6\natol = 1e-9\nmax_steps = 500\n'
+    integrator = cal.load_problem(write_problem(tmp_path, toml)).integrator
+    assert isinstance(integrator.solver, diffrax.Tsit5)
+    assert (integrator.rtol, integrator.atol, integrator.max_steps) == (1e-6, 1e-9, 500)
