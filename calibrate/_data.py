@@ -121,6 +121,17 @@ class Dataset(eqx.Module):
             source=self.source,
         )
 
+    def batched_inputs(self, model) -> dict[str, AbstractInput] | None:
+        """Each individual's inputs (leading axis N): the dataset's own, else the
+        model's defaults for everyone; `None` for a model without inputs."""
+        if self.inputs is not None:
+            return self.inputs
+        if not model.inputs:
+            return None
+        n = len(self)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))),
+                            model.default_inputs())
+
     def to_frame(self) -> pd.DataFrame:
         """Back to the long format (real measurements only)."""
         m = self.measurements

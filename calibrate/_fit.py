@@ -286,11 +286,7 @@ def fit(
         z0 = z_first
     n = len(data)
     z0s = jnp.broadcast_to(jnp.asarray(z0), (n, *z0.shape))
-    inputs = data.inputs
-    if inputs is None and model.inputs:
-        inputs = jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), model.default_inputs()
-        )
+    inputs = data.batched_inputs(model)
     # Batched LAPACK kernels per lane: the stiff solver's LU and the least-squares QR.
     n_states, n_p = len(model.states), len(space.estimated)
     rows = 2 * int(np.prod(data.measurements.values.shape[1:]))

@@ -371,6 +371,11 @@ class Hypergradient(eqx.Module):
     def successful(self) -> bool:
         return bool(np.all(np.asarray(self.result) == RESULTS.successful._value))
 
+    @property
+    def stationary(self) -> Array:
+        """Whether the inner fit is stationary enough for the implicit formula."""
+        return self.stationarity <= self.stationarity_bound
+
     def describe(self) -> str:
         """One line per problem found (empty when successful)."""
         lines = []

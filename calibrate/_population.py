@@ -595,7 +595,7 @@ class PopulationSetup(eqx.Module):
         for _ in range(rounds):
             h = self.evaluate(method, theta, starts).hypergradients
             starts = _accepted_starts(h, starts)
-            if bool(jnp.all(h.stationarity <= h.stationarity_bound)):
+            if bool(jnp.all(h.stationary)):
                 break
         return starts
 
@@ -658,11 +658,7 @@ def population_setup(
         train, held_out = holdout_split(measurements, objective.fraction, objective.seed)
     else:
         train, held_out = measurements, None
-    inputs = data.inputs
-    if inputs is None and model.inputs:
-        inputs = jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), model.default_inputs()
-        )
+    inputs = data.batched_inputs(model)
     individual_start = (
         jnp.stack([space[name].to_unconstrained(start_values[name])
                    for name in hierarchy.individual])

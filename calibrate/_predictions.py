@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -27,7 +26,8 @@ def _predict_batch(objective: Objective, params, measurements, inputs, chunk_siz
                              axis=-1)
         return traj.observables, sigma, weighted, traj.result._value
 
-    return map_individuals(one, (params, measurements, inputs), (0, 0, 0), chunk_size)
+    return map_individuals(one, (params, measurements, inputs),
+                           (0, 0, None if inputs is None else 0), chunk_size)
 
 
 def predictions_frame(
@@ -50,10 +50,7 @@ def predictions_frame(
     space = model.parameter_space
     values = {name: jnp.broadcast_to(jnp.asarray(parameters[name], float), (n,))
               for name in space.names}
-    inputs = data.inputs
-    if inputs is None:
-        inputs = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))),
-                              model.default_inputs())
+    inputs = data.batched_inputs(model)
     objective = Objective(model, integrator=integrator)
     n_states = len(model.states)
     predicted, sigma, weighted, codes = _predict_batch(

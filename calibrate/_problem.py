@@ -59,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,22 +202,11 @@ class Problem:
 
     @property
     def sensitivity(self):
-        return {
-            "forward": ForwardMode(),
-            "direct": DirectDifferentiation(),
-            "discrete-adjoint": DiscreteAdjoint(),
-            "continuous-adjoint": ContinuousAdjoint(),
-        }[self.settings["sensitivity"]["method"]]
+        return _sensitivity(self.settings)
 
     @property
     def hypergradient(self) -> Implicit:
-        h = self.settings["hypergradient"]
-        curvature = {"forward-hessian": ForwardHessian(), "gauss-newton": GaussNewton(),
-                     "exact": ExactHessian()}[h["curvature"]]
-        solver = {"direct": DirectSolve(), "cg": ConjugateGradient(),
-                  "neumann": NeumannSeries()}[h["linear_solver"]]
-        return Implicit(curvature=curvature, linear_solver=solver,
-                        stationarity_tol=h["stationarity_tol"])
+        return _hypergradient(self.settings)
 
     def population_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `calibrate_population` for this problem."""
@@ -226,8 +214,7 @@ class Problem:
         penalty = {"none": None, "l2": L2(), "elastic-net": ElasticNet()}[p["penalty"]]
         covariance = {"diagonal": DiagonalCovariance(),
                       "full": FullCovariance()}[p["covariance"]]
-        objective = (Laplace() if p["objective"] == "laplace"
-                     else ValidationLoss(p["holdout"], seed=self.seed))
+        objective = _population_objective(self.settings, self.seed)
         outer = (QuasiNewton(max_steps=p["max_steps"]) if p["optimiser"] == "bfgs"
                  else FirstOrder(optax.adam(p["learning_rate"]), steps=p["max_steps"]))
         hierarchy = Hierarchy(random=self.names("random"), fixed=self.names("fixed"),
@@ -256,6 +243,31 @@ class Problem:
             integrator=self.integrator, sensitivity=self.sensitivity,
             max_steps=i["max_steps"], seed=self.seed,
         )
+
+
+def _sensitivity(settings):
+    return {
+        "forward": ForwardMode(),
+        "direct": DirectDifferentiation(),
+        "discrete-adjoint": DiscreteAdjoint(),
+        "continuous-adjoint": ContinuousAdjoint(),
+    }[settings["sensitivity"]["method"]]
+
+
+def _hypergradient(settings) -> Implicit:
+    h = settings["hypergradient"]
+    curvature = {"forward-hessian": ForwardHessian(), "gauss-newton": GaussNewton(),
+                 "exact": ExactHessian()}[h["curvature"]]
+    solver = {"direct": DirectSolve(), "cg": ConjugateGradient(),
+              "neumann": NeumannSeries()}[h["linear_solver"]]
+    return Implicit(curvature=curvature, linear_solver=solver,
+                    stationarity_tol=h["stationarity_tol"])
+
+
+def _population_objective(settings, seed: int):
+    p = settings["population"]
+    return Laplace() if p["objective"] == "laplace" else ValidationLoss(p["holdout"],
+                                                                       seed=seed)
 
 
 def _is_number(value) -> bool:
@@ -483,14 +495,10 @@ def load_problem(path: str | Path) -> Problem:
         if population["penalty"] != "none" and population["objective"] != "validation":
             issues.append(Issue(source, "a learned penalty strength needs held-out data: "
                                 "set objective = \"validation\"", key="population.penalty"))
-        hypergradient_method = None
         try:
-            sensitivity = Problem.sensitivity.fget(_Settings(settings))
-            hypergradient_method = Problem.hypergradient.fget(_Settings(settings))
-            check_supported(hypergradient_method, sensitivity)
-            objective = Laplace() if population["objective"] == "laplace" \
-                else ValidationLoss(population["holdout"])
-            reason = objective.missing(sensitivity)
+            sensitivity = _sensitivity(settings)
+            check_supported(_hypergradient(settings), sensitivity)
+            reason = _population_objective(settings, seed).missing(sensitivity)
             if reason is not None:
                 raise ValueError(f"{reason}; use forward or direct")
         except ValueError as error:
@@ -532,11 +540,6 @@ def load_problem(path: str | Path) -> Problem:
     return Problem(path=path, model_spec=spec.strip(), model=model, data=data, roles=roles,
                    start=start, start_sd=start_sd, seed=seed, settings=settings,
                    files=files)
-
-
-@dataclass
-class _Settings:
-    settings: Mapping[str, Mapping[str, Any]]
 
 
 def check_problem(path: str | Path) -> list[Issue]:

@@ -374,14 +374,12 @@ def simulate_problem(path: Path, param, times: str | None, states: bool, rtol: f
     data = problem.data
     n = len(data)
     if times is not None:
-        grid = np.broadcast_to(parse_times(times, m.t0), (n, len(parse_times(times, m.t0))))
+        t = parse_times(times, m.t0)
+        grid = np.broadcast_to(t, (n, len(t)))
     else:
         end = np.maximum(np.asarray(data.measurements.times).max(axis=1), m.t0 + 1e-9)
         grid = m.t0 + (end[:, None] - m.t0) * np.linspace(0, 1, 101)[None, :]
-    inputs = data.inputs
-    if inputs is None:
-        inputs = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))),
-                              m.default_inputs())
+    inputs = data.batched_inputs(m)
     integrator = cal.Integrator(rtol=rtol, atol=atol)
     chunk = default_chunk_size(n, len(m.states) ** 3)
     trajectories = _simulate_batch(m, params, jax.numpy.asarray(grid), inputs, integrator,
@@ -404,7 +402,7 @@ def simulate_problem(path: Path, param, times: str | None, states: bool, rtol: f
 def _simulate_batch(model, params, times, inputs, integrator, chunk_size):
     return map_individuals(
         lambda t, u: cal.simulate(model, params, t, inputs=u, integrator=integrator),
-        (times, inputs), (0, 0), chunk_size)
+        (times, inputs), (0, None if inputs is None else 0), chunk_size)
 
 
 def trajectory_frame(model: cal.AbstractODEModel, trajectory: cal.Trajectory, *,
@@ -685,8 +683,14 @@ def fit(
     csv_path = write_csv_atomic(out / "parameters.csv", result.to_frame())
     json_path = write_json_atomic(out / "parameters.json", report)
 
+    _print_individual_fits(result, m, f"{csv_path} and {json_path}")
+
+
+def _print_individual_fits(result: cal.FitResult, model: cal.AbstractODEModel,
+                           written: str) -> None:
+    """The summary table on stdout; failed fits and what was written on stderr."""
     stdout = _stdout()
-    stdout.print(_fit_summary_table(result, m, stdout.width))
+    stdout.print(_fit_summary_table(result, model, stdout.width))
     failed = result.messages()
     console = _stderr()
     for ind, text in failed.items():
@@ -694,9 +698,7 @@ def fit(
         console.print(text, markup=False)
     console.print(
         f"{len(result.individuals) - len(failed)} of {len(result.individuals)} fits "
-        f"successful; wrote {csv_path} and {json_path}",
-        markup=False,
-    )
+        f"successful; wrote {written}", markup=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -744,13 +746,13 @@ def check(
 def _versions() -> dict[str, str]:
     import diffrax
     import equinox
+    import jaxlib
     import lineax
     import optax
     import optimistix
 
     return {"calibrate": cal.__version__, "python": platform.python_version(),
-            "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(
-                jax.lib, "__version__") else jax.__version__,
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "diffrax": diffrax.__version__, "equinox": equinox.__version__,
             "optimistix": optimistix.__version__, "lineax": lineax.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "pandas": pd.__version__}
@@ -815,8 +817,7 @@ def _population_report(problem: cal.Problem, result: cal.PopulationResult) -> di
         "covariance_theta": result.covariance_theta,
         "n_individuals": len(result.individual),
         "n_successful": int(np.sum(result.individual["status"] == "successful")),
-        "n_stationary": int(np.sum(np.asarray(h.stationarity)
-                                   <= np.asarray(h.stationarity_bound))),
+        "n_stationary": int(np.sum(np.asarray(h.stationary))),
     }
 
 
@@ -827,7 +828,7 @@ def _diagnostics_frame(result: cal.PopulationResult, individuals) -> pd.DataFram
         "status": [cal.result_name(c) for c in np.asarray(h.result)],
         "stationarity": np.asarray(h.stationarity),
         "stationarity_bound": np.asarray(h.stationarity_bound),
-        "stationary": np.asarray(h.stationarity) <= np.asarray(h.stationarity_bound),
+        "stationary": np.asarray(h.stationary),
         "outer_loss": np.asarray(h.outer_loss),
     })
 
@@ -905,8 +906,7 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
             total=max_steps, completed=done)
 
         def callback(step, theta, value, hypergradients):
-            stationary = int(np.sum(np.asarray(hypergradients.stationarity)
-                                    <= np.asarray(hypergradients.stationarity_bound)))
+            stationary = int(np.sum(np.asarray(hypergradients.stationary)))
             failed = int(np.sum(~np.isfinite(np.asarray(hypergradients.outer_loss))))
             progress.update(task, completed=step, description=(
                 f"outer step {step}: objective {value:.6g}, {stationary}/{n} inner fits "
@@ -935,16 +935,15 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
     individuals = result.individual.copy()
     for j, name in enumerate(arguments["hierarchy"].random):
         individuals[f"eta_{name}"] = result.eta[:, j]
+    diagnostics = _diagnostics_frame(result, problem.data.individuals)
     written = [
         write_csv_atomic(out / "population.csv", result.population),
         write_json_atomic(out / "population.json", _population_report(problem, result)),
         write_csv_atomic(out / "individuals.csv", individuals),
         write_csv_atomic(out / "predictions.csv", predictions),
-        write_csv_atomic(out / "diagnostics.csv",
-                         _diagnostics_frame(result, problem.data.individuals)),
+        write_csv_atomic(out / "diagnostics.csv", diagnostics),
         write_csv_atomic(out / "history.csv", result.history),
     ]
-    diagnostics = _diagnostics_frame(result, problem.data.individuals)
     problems = []
     if not result.converged:
         problems.append("the outer optimisation did not converge in "
@@ -1019,15 +1018,8 @@ def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
         tables=[("Individual estimates", result.to_frame())])
     written.append(write_json_atomic(out / "run.json", run_record(
         problem, started, outputs=[p.name for p in written])))
-    stdout = _stdout()
-    stdout.print(_fit_summary_table(result, problem.model, stdout.width))
-    console = _stderr()
-    for ind, text in failed.items():
-        console.print(f"[yellow]warning:[/] {escape(ind)}: ", end="")
-        console.print(text, markup=False)
-    console.print(
-        f"{len(result.individuals) - len(failed)} of {len(result.individuals)} fits "
-        f"successful; wrote {', '.join(p.name for p in written)} to {out}", markup=False)
+    _print_individual_fits(result, problem.model,
+                           f"{', '.join(p.name for p in written)} to {out}")
 
 
 def _enable_compilation_cache() -> None:
