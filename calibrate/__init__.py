@@ -128,6 +128,12 @@ from ._population import (  # noqa: E402
     population_hypergradient as population_hypergradient,
     population_setup as population_setup,
 )
+from ._petab import (  # noqa: E402
+    PEtabError as PEtabError,
+    PEtabProblem as PEtabProblem,
+    load_petab as load_petab,
+)
+from ._petab_fit import PEtabFitResult as PEtabFitResult, fit_petab as fit_petab  # noqa: E402
 from ._predictions import predictions_frame as predictions_frame  # noqa: E402
 from ._problem import (  # noqa: E402
     Problem as Problem,
@@ -141,6 +147,7 @@ from ._results import (  # noqa: E402
     result_message as result_message,
     result_name as result_name,
 )
+from ._sbml import SBMLError as SBMLError, SBMLModel as SBMLModel, load_sbml as load_sbml  # noqa: E402
 from ._sensitivity import (  # noqa: E402
     AbstractSensitivity as AbstractSensitivity,
     ContinuousAdjoint as ContinuousAdjoint,

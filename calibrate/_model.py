@@ -65,6 +65,11 @@ class AbstractODEModel(eqx.Module):
     ) -> Float[Array, " n_observables"]:
         """Observables $h(t, x, p)$ in the order of `observables`."""
 
+    def discontinuities(self, params: Params) -> Float[Array, " k"]:
+        """Times where the vector field jumps (e.g. a piecewise switch at a
+        parameter-dependent time); the solver steps exactly onto them."""
+        return jnp.zeros((0,))
+
     def default_inputs(self) -> dict[str, AbstractInput]:
         """Inputs used when a simulation or dataset gives none."""
         if self.inputs:

@@ -86,11 +86,22 @@ def _model_classes(module: ModuleType) -> list[str]:
 
 
 def resolve_model(spec: str, base: str | os.PathLike | None = None) -> ResolvedModel:
-    """A zoo name, `path/to/file.py:ClassName`, or `path/to/file.py` (its `MODEL`).
+    """A zoo name, `path/to/file.py:ClassName`, `path/to/file.py` (its `MODEL`), or an
+    SBML file (`.xml`/`.sbml`; its species are the observables).
 
     Relative file paths are taken from `base` (a directory) when given.
     """
     spec = spec.strip()
+    if spec.lower().endswith((".xml", ".sbml")):
+        from ._sbml import SBMLError, load_sbml
+
+        path = Path(spec)
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        try:
+            return ResolvedModel(load_sbml(path), None, spec)
+        except SBMLError as error:
+            raise ModelSpecError(str(error)) from None
     if not _is_file_spec(spec):
         try:
             module = zoo_module(spec)

@@ -44,6 +44,11 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "zero and non-zero, where the hypergradient is not defined (it depends on the "
         "smoothing width). Move the penalty strength, or treat the value as one-sided."
     )
+    no_steady_state = (
+        "No steady state was reached: the state still changes at the end of the "
+        "pre-equilibration. The model may oscillate or grow without bound at these "
+        "parameters, or need more max_steps."
+    )
 
 
 def _items():

@@ -101,8 +101,9 @@ class Trajectory(eqx.Module):
         return self.result == RESULTS.successful
 
 
-def _jump_times(inputs: Mapping[str, AbstractInput]):
+def _jump_times(model: AbstractODEModel, params: Params, inputs: Mapping[str, AbstractInput]):
     jumps = [inp.discontinuities for inp in inputs.values()]
+    jumps.append(jnp.asarray(model.discontinuities(params), dtype=float))
     jumps = [j for j in jumps if j.shape[0] > 0]
     if not jumps:
         return None
@@ -117,6 +118,7 @@ def simulate(
     inputs: Mapping[str, AbstractInput] | None = None,
     integrator: Integrator = Integrator(),
     sensitivity: AbstractSensitivity = ForwardMode(),
+    initial_state: Float[Array, " n_states"] | None = None,
 ) -> Trajectory:
     """Solve the model from `model.t0` and save at `times` (non-decreasing, >= t0).
 
@@ -127,13 +129,15 @@ def simulate(
     - `inputs`: $u(t)$ by name; defaults to `model.default_inputs()`.
     - `integrator`: solver, tolerances, `max_steps`.
     - `sensitivity`: how derivatives flow through the solve (see `ForwardMode`, ...).
+    - `initial_state`: $x(t_0)$ instead of `model.initial_state(params)` (e.g. a
+      pre-equilibrated steady state).
 
     Never raises on a failed solve: check `Trajectory.result`. jit- and vmap-safe.
     """
     if inputs is None:
         inputs = model.default_inputs()
     times = jnp.asarray(times, dtype=float)
-    x0 = model.initial_state(params)
+    x0 = model.initial_state(params) if initial_state is None else initial_state
     check_state_shape(model, x0)
     t0 = model.t0
     t1 = jnp.maximum(times[-1], t0)
@@ -146,7 +150,7 @@ def simulate(
         y0=x0,
         args=(params, dict(inputs)),
         saveat=dfx.SaveAt(ts=times),
-        stepsize_controller=integrator.controller(_jump_times(inputs)),
+        stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
         adjoint=sensitivity.adjoint(),
         max_steps=integrator.max_steps,
         throw=False,
@@ -165,3 +169,61 @@ def simulate(
         result=result,
         num_steps=solution.stats["num_steps"],
     )
+
+
+# Horizon of a steady-state search: far beyond any biological time scale; the solve
+# ends at the steady-state event long before.
+STEADY_STATE_HORIZON = 1e9
+
+
+def steady_state(
+    model: AbstractODEModel,
+    params: Params,
+    *,
+    initial_state: Float[Array, " n_states"] | None = None,
+    inputs: Mapping[str, AbstractInput] | None = None,
+    integrator: Integrator = Integrator(),
+    sensitivity: AbstractSensitivity = ForwardMode(),
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+) -> tuple[Float[Array, " n_states"], RESULTS]:
+    r"""Integrate from `model.t0` until $\lVert f(x)\rVert_2 < atol + rtol\,\lVert x\rVert_2$.
+
+    Integration (not Newton) handles conservation laws, whose Jacobian is singular.
+    The result is differentiable in every sensitivity mode (the event time carries no
+    derivative at a steady state). Returns the state and the solve's result.
+    """
+    if inputs is None:
+        inputs = model.default_inputs()
+    x0 = model.initial_state(params) if initial_state is None else initial_state
+    check_state_shape(model, x0)
+    norm = lambda y: jnp.sqrt(jnp.sum(y**2))
+    solution = dfx.diffeqsolve(
+        dfx.ODETerm(model.vector_field),
+        integrator.ode_solver(),
+        t0=model.t0,
+        t1=STEADY_STATE_HORIZON,
+        dt0=integrator.dt0,
+        y0=x0,
+        args=(params, dict(inputs)),
+        saveat=dfx.SaveAt(t1=True),
+        stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
+        adjoint=sensitivity.adjoint(),
+        event=dfx.Event(dfx.steady_state_event(rtol=rtol, atol=atol, norm=norm)),
+        max_steps=integrator.max_steps,
+        throw=False,
+    )
+    state = solution.ys[-1]
+    result = RESULTS.promote(solution.result)
+    # The event ending the solve is success; reaching the horizon without it is not.
+    result = RESULTS.where(
+        result == RESULTS.successful, RESULTS.no_steady_state, result
+    )
+    result = RESULTS.where(
+        result == RESULTS.event_occurred, RESULTS.successful, result
+    )
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~jnp.all(jnp.isfinite(state)),
+        RESULTS.nonfinite_state, result,
+    )
+    return state, result

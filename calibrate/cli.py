@@ -21,10 +21,11 @@ import platform
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import equinox as eqx
 import jax
 import numpy as np
 import pandas as pd
@@ -47,6 +48,7 @@ from . import _report as report
 from ._batching import default_chunk_size, map_individuals
 from ._io import write_csv_atomic, write_json_atomic
 from ._modelspec import did_you_mean as _did_you_mean, resolve_model
+from ._petab import measurement_table, problem_files
 
 
 EXIT_INPUT_ERROR = 2
@@ -538,7 +540,7 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
             "calibrate": cal.__version__, "jax": jax.__version__,
             "diffrax": diffrax.__version__, "optimistix": optimistix.__version__,
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -557,8 +559,9 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
 def fit(
     model: Annotated[str, typer.Argument(
         metavar="PROBLEM|MODEL",
-        help="A problem file (PROBLEM.toml), or a zoo model name or "
-        "path/to/file.py:ClassName followed by DATA.", show_default=False)],
+        help="A problem file (PROBLEM.toml or a PEtab PROBLEM.yaml), or a zoo model "
+        "name, path/to/file.py:ClassName or an SBML file followed by DATA.",
+        show_default=False)],
     data: Annotated[Path | None, typer.Argument(
         help="With MODEL: measurements in long format (CSV, TSV or Parquet) with "
         "columns individual, time, observable, value and optionally sigma.",
@@ -595,6 +598,13 @@ def fit(
 ):
     """Fit a problem file, or MODEL to each individual in DATA.
 
+    With a PEtab PROBLEM.yaml: a multistart maximum-likelihood fit
+    (--starts random starts inside the bounds, default 16, batched) that
+    writes DIR/starts.csv (every start's objective, parameters and
+    status, best first), DIR/estimates.json (the best parameters on
+    linear and PEtab scales, settings, versions) and DIR/simulations.tsv
+    (the measurement table with a `simulation` column at the best fit).
+
     With PROBLEM.toml (see `calibrate check`): a hierarchical problem
     runs the population calibrator and writes DIR/population.csv and
     .json (population estimates with standard errors, -2 log L, AIC,
@@ -613,6 +623,20 @@ def fit(
     log-scale parameters). The exit status is 0 once the results are
     written, even if some fits did not converge (see their status).
     """
+    if _is_petab(Path(model.strip())):
+        if data is not None:
+            raise CLIError(f"{model} is a PEtab problem: it names its data itself; "
+                           f"drop {data}")
+        if estimate is not None or fix is not None or resume:
+            raise CLIError("--estimate, --fix and --resume do not apply to PEtab problems; "
+                           "set `estimate` in the parameter table")
+        return fit_petab_problem(
+            Path(model.strip()), out, starts=16 if starts is None else starts,
+            seed=0 if seed is None else seed,
+            max_steps=500 if max_steps is None else max_steps,
+            rtol=_DEFAULTS.rtol if rtol is None else rtol,
+            atol=_DEFAULTS.atol if atol is None else atol,
+        )
     if model.strip().lower().endswith(".toml"):
         given = [f"--{name.replace('_', '-')}" for name, value in (
             ("estimate", estimate), ("fix", fix), ("starts", starts), ("seed", seed),
@@ -723,7 +747,8 @@ def _roles_table(problem: cal.Problem) -> Table:
 @handle_errors
 def check(
     problem: Annotated[Path, typer.Argument(
-        metavar="PROBLEM", help="The problem file (TOML).", show_default=False)],
+        metavar="PROBLEM", help="The problem file: TOML, or a PEtab v1 YAML.",
+        show_default=False)],
 ):
     """Validate PROBLEM and every file it names, and report all problems at once.
 
@@ -731,6 +756,8 @@ def check(
     row and column of a table. Exit status 0 when the problem is valid
     (a summary is printed), 2 otherwise.
     """
+    if _is_petab(problem):
+        return check_petab(problem)
     loaded = cal.load_problem(problem)
     stdout = _stdout()
     data = loaded.data
@@ -764,7 +791,7 @@ def _sha256(path: str | Path) -> str:
 
 def run_record(problem: cal.Problem, started: datetime, **extra) -> dict[str, Any]:
     """What `run.json` holds: enough to reproduce the run."""
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     return {
         "command": ["calibrate", *sys.argv[1:]],
         "problem": str(problem.path),
@@ -880,7 +907,7 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
     problem = cal.load_problem(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     if not problem.hierarchical:
         if resume:
             raise CLIError("--resume: only hierarchical problems have an outer loop to "
@@ -1020,6 +1047,108 @@ def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
         problem, started, outputs=[p.name for p in written])))
     _print_individual_fits(result, problem.model,
                            f"{', '.join(p.name for p in written)} to {out}")
+
+
+@eqx.filter_jit
+def _petab_predictions(problem: cal.PEtabProblem, x):
+    return problem.predictions(x)
+
+
+def _is_petab(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def check_petab(path: Path) -> None:
+    problem = cal.load_petab(path)
+    stdout = _stdout()
+    pre = int(np.sum(np.asarray(problem.preequilibration) >= 0))
+    stdout.print(
+        f"{path}: valid PEtab problem; model {problem.model.name} with "
+        f"{len(problem.model.states)} states, {len(problem.condition_ids)} simulation "
+        f"condition(s) ({pre} pre-equilibrated), {len(problem.observable_ids)} "
+        f"observable(s), {problem.n_measurements} measurements, "
+        f"{len(problem.estimated_ids)} of {len(problem.parameter_ids)} parameters "
+        "estimated", markup=False)
+    table = Table(title="estimated parameters")
+    for column in ("parameter", "scale", "lower", "upper", "nominal"):
+        table.add_column(column)
+    space = problem.parameter_space
+    for name in problem.estimated_ids:
+        p = space[name]
+        table.add_row(escape(name), p.scale, f"{p.lower:g}", f"{p.upper:g}",
+                      f"{p.default:.6g}")
+    stdout.print(table)
+
+
+def fit_petab_problem(path: Path, out: Path, *, starts: int, seed: int, max_steps: int,
+                      rtol: float, atol: float) -> None:
+    """`calibrate fit PROBLEM.yaml`: multistart fit, tables and a record."""
+    _check_tolerances(rtol, atol)
+    if starts < 1:
+        raise CLIError("--starts: a PEtab fit needs at least one start")
+    started = datetime.now(UTC)
+    integrator = cal.Integrator(rtol=rtol, atol=atol)
+    problem = cal.load_petab(path, integrator=integrator)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    message = (f"fitting {path.name} from {starts} starts (compiling first, which takes a "
+               "while)")
+    with _stderr().status(message), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*balance properties.*")
+        result = cal.fit_petab(problem, starts=cal.SobolStarts(starts), seed=seed,
+                               max_steps=max_steps)
+    best = np.asarray(result.best_x)
+    theta = np.asarray(problem.theta(result.best_x))
+    linear = {pid: float(theta[problem.parameter_ids.index(pid)])
+              for pid in problem.estimated_ids}
+    y_pred, _, _ = _petab_predictions(problem, result.best_x)
+    simulations = measurement_table(path)
+    simulations = simulations.rename(columns={"measurement": "simulation"})
+    simulations["simulation"] = np.asarray(y_pred)
+    converged = int(np.sum(np.asarray(result.result) == cal.RESULTS.successful._value))
+    within = result.n_within(1e-3)
+    settings = {"starts": starts, "seed": seed, "max_steps": max_steps,
+                "optimiser": "BFGS(rtol=1e-10, atol=1e-10) on bound-reflected scaled "
+                             "parameters",
+                "integrator": {"solver": "Kvaerno5 (chord Newton)", "rtol": rtol,
+                               "atol": atol, "max_steps": integrator.max_steps},
+                "sensitivity": "ForwardMode"}
+    record = {
+        "problem": str(path),
+        "files": {role: [{"path": str(f), "sha256": _sha256(f)} for f in files]
+                  for role, files in problem_files(path).items()},
+        "objective": result.best_objective,
+        "estimates": linear,
+        "estimates_scaled": dict(zip(problem.estimated_ids, map(float, best), strict=True)),
+        "starts_converged": converged,
+        "starts_within_1e-3_of_best": within,
+        "wall_seconds": round(result.wall_seconds, 3),
+        "compile_seconds": round(result.compile_seconds, 3),
+        "settings": settings,
+        "command": ["calibrate", *sys.argv[1:]],
+        "versions": _versions(),
+        "devices": [str(d) for d in jax.devices()],
+        "started": started.isoformat(timespec="seconds"),
+    }
+    written = [
+        write_csv_atomic(out / "starts.csv", result.to_frame()),
+        write_json_atomic(out / "estimates.json", record),
+        write_csv_atomic(out / "simulations.tsv", simulations, sep="\t"),
+    ]
+    stdout = _stdout()
+    table = Table(title=escape(f"{path.name}: best of {starts} starts, objective "
+                               f"{result.best_objective:.6f}"))
+    for column in ("parameter", "scale", "estimate (scaled)", "estimate"):
+        table.add_column(column)
+    for j, name in enumerate(problem.estimated_ids):
+        table.add_row(escape(name), problem.parameter_space[name].scale,
+                      f"{best[j]:.6g}", f"{linear[name]:.6g}")
+    stdout.print(table)
+    _stderr().print(
+        f"{converged} of {starts} starts converged, {within} within 1e-3 of the best; "
+        f"{result.wall_seconds:.1f} s ({result.compile_seconds:.1f} s compiling); wrote "
+        f"{', '.join(p.name for p in written)} to {out}", markup=False)
 
 
 def _enable_compilation_cache() -> None:
