@@ -155,7 +155,12 @@ from ._sensitivity import (  # noqa: E402
     DiscreteAdjoint as DiscreteAdjoint,
     ForwardMode as ForwardMode,
 )
-from ._simulate import Integrator as Integrator, Trajectory as Trajectory, simulate as simulate  # noqa: E402
+from ._simulate import (  # noqa: E402
+    Integrator as Integrator,
+    Trajectory as Trajectory,
+    simulate as simulate,
+    steady_state as steady_state,
+)
 from ._synthetic import synthetic_dataset as synthetic_dataset  # noqa: E402
 from ._zoo import (  # noqa: E402
     zoo_catalogue as zoo_catalogue,

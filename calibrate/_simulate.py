@@ -107,7 +107,32 @@ def _jump_times(model: AbstractODEModel, params: Params, inputs: Mapping[str, Ab
     jumps = [j for j in jumps if j.shape[0] > 0]
     if not jumps:
         return None
-    return jnp.sort(jnp.concatenate(jumps))
+    # Where the solver steps carries no derivative (and adjoints cannot take one).
+    return jax.lax.stop_gradient(jnp.sort(jnp.concatenate(jumps)))
+
+
+def _solve(model, params, initial_state, inputs, integrator, sensitivity, *, t1, saveat,
+           event=None):
+    """`diffeqsolve` of the model from `model.t0` to `t1`, never raising."""
+    if inputs is None:
+        inputs = model.default_inputs()
+    x0 = model.initial_state(params) if initial_state is None else initial_state
+    check_state_shape(model, x0)
+    return dfx.diffeqsolve(
+        dfx.ODETerm(model.vector_field),
+        integrator.ode_solver(),
+        t0=model.t0,
+        t1=t1,
+        dt0=integrator.dt0,
+        y0=x0,
+        args=(params, dict(inputs)),
+        saveat=saveat,
+        stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
+        adjoint=sensitivity.adjoint(),
+        event=event,
+        max_steps=integrator.max_steps,
+        throw=False,
+    )
 
 
 def simulate(
@@ -134,26 +159,10 @@ def simulate(
 
     Never raises on a failed solve: check `Trajectory.result`. jit- and vmap-safe.
     """
-    if inputs is None:
-        inputs = model.default_inputs()
     times = jnp.asarray(times, dtype=float)
-    x0 = model.initial_state(params) if initial_state is None else initial_state
-    check_state_shape(model, x0)
-    t0 = model.t0
-    t1 = jnp.maximum(times[-1], t0)
-    solution = dfx.diffeqsolve(
-        dfx.ODETerm(model.vector_field),
-        integrator.ode_solver(),
-        t0=t0,
-        t1=t1,
-        dt0=integrator.dt0,
-        y0=x0,
-        args=(params, dict(inputs)),
-        saveat=dfx.SaveAt(ts=times),
-        stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
-        adjoint=sensitivity.adjoint(),
-        max_steps=integrator.max_steps,
-        throw=False,
+    solution = _solve(
+        model, params, initial_state, inputs, integrator, sensitivity,
+        t1=jnp.maximum(times[-1], model.t0), saveat=dfx.SaveAt(ts=times),
     )
     states = solution.ys
     result = RESULTS.promote(solution.result)
@@ -190,28 +199,14 @@ def steady_state(
     r"""Integrate from `model.t0` until $\lVert f(x)\rVert_2 < atol + rtol\,\lVert x\rVert_2$.
 
     Integration (not Newton) handles conservation laws, whose Jacobian is singular.
-    The result is differentiable in every sensitivity mode (the event time carries no
-    derivative at a steady state). Returns the state and the solve's result.
+    The result is differentiable (the event time carries no derivative at a steady
+    state; tested in forward mode). Returns the state and the solve's result.
     """
-    if inputs is None:
-        inputs = model.default_inputs()
-    x0 = model.initial_state(params) if initial_state is None else initial_state
-    check_state_shape(model, x0)
     norm = lambda y: jnp.sqrt(jnp.sum(y**2))
-    solution = dfx.diffeqsolve(
-        dfx.ODETerm(model.vector_field),
-        integrator.ode_solver(),
-        t0=model.t0,
-        t1=STEADY_STATE_HORIZON,
-        dt0=integrator.dt0,
-        y0=x0,
-        args=(params, dict(inputs)),
-        saveat=dfx.SaveAt(t1=True),
-        stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
-        adjoint=sensitivity.adjoint(),
+    solution = _solve(
+        model, params, initial_state, inputs, integrator, sensitivity,
+        t1=STEADY_STATE_HORIZON, saveat=dfx.SaveAt(t1=True),
         event=dfx.Event(dfx.steady_state_event(rtol=rtol, atol=atol, norm=norm)),
-        max_steps=integrator.max_steps,
-        throw=False,
     )
     state = solution.ys[-1]
     result = RESULTS.promote(solution.result)

@@ -89,6 +89,7 @@ def boehm():
     return load("Boehm_JProteomeRes2014")
 
 
+@pytest.mark.slow
 def test_every_sensitivity_method_gives_the_gradient(boehm):
     reference = REFERENCE["Boehm_JProteomeRes2014"]
     perturbed = reference["perturbed"]

@@ -96,3 +96,23 @@ def test_model_with_wrong_state_shape_gets_a_clear_error():
     model = WrongShape()
     with pytest.raises(ValueError, match=r"WrongShape: initial_state returned shape \(1,\)"):
         cal.simulate(model, model.parameter_space.complete(), TIMES)
+
+
+def test_steady_state_and_its_derivative_match_the_closed_form():
+    # x' = -x + p u with u = 1 settles at x = p, so d x_ss / d p = 1.
+    model = cal.zoo_model("reference")
+    inputs = {"u": cal.Constant(1.0)}
+
+    def settle(p, max_steps=20_000):
+        params = model.parameter_space.complete({"p": 1.5, "q": 0.2})
+        params["p"] = p
+        return cal.steady_state(model, params, inputs=inputs,
+                                integrator=cal.Integrator(max_steps=max_steps))
+
+    state, result = jax.jit(settle)(1.5)
+    assert cal.result_name(result) == "successful"
+    np.testing.assert_allclose(state, [1.5], rtol=1e-8)
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(lambda p: settle(p)[0]))(1.5), [1.0],
+                               rtol=1e-6)
+    _, result = jax.jit(lambda p: settle(p, max_steps=3))(1.5)
+    assert cal.result_name(result) == "max_steps_reached"

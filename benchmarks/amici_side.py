@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""AMICI's side of bench_petab.py; runs under an interpreter that has AMICI installed.
+
+    AMICI_PYTHON benchmarks/amici_side.py --out amici.json --problems Boehm_JProteomeRes2014
+
+AMICI (pip install "amici[petab]" petab scipy) builds each model with the SWIG of its
+own environment: bench_petab.py puts that environment's bin first on PATH and sets
+SWIG. Compiled models are kept in $AMICI_MODELS (default: a folder in the temp dir),
+so the import time counted is that of a first build only when the folder is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "petab"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--problems", nargs="+", required=True)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rtol", type=float, default=1e-8)
+    args = parser.parse_args()
+
+    import amici
+    import petab.v1 as petab
+    from amici.importers.petab.v1 import import_petab_problem
+    from amici.sim.sundials import SensitivityMethod, SensitivityOrder
+    from amici.sim.sundials.petab.v1 import LLH, RDATAS, create_edatas, simulate_petab
+    from amici.sim.sundials.petab.v1._parameter_mapping import create_parameter_mapping
+
+    for name in ["amici", *[n for n in logging.root.manager.loggerDict
+                            if n.startswith("amici")]]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    models = Path(os.environ.get("AMICI_MODELS",
+                                 Path(tempfile.gettempdir()) / "calibrate_amici_models"))
+    reference = json.loads((DATA / "reference.json").read_text())
+    out = {"version": amici.__version__, "atol": None, "problems": {}}
+    for name in args.problems:
+        problem = petab.Problem.from_yaml(DATA / reference[name]["yaml"])
+        started = time.perf_counter()
+        model = import_petab_problem(problem, output_dir=str(models / name),
+                                     verbose=logging.ERROR)
+        import_seconds = time.perf_counter() - started
+        parameters = dict(zip(problem.x_free_ids, problem.x_nominal_free_scaled))
+        conditions = problem.get_simulation_conditions_from_measurement_df()
+        edatas = create_edatas(model, problem, conditions)
+        mapping = create_parameter_mapping(problem, conditions, scaled_parameters=True,
+                                           amici_model=model)
+
+        def solver_for(method):
+            solver = model.create_solver()
+            solver.set_relative_tolerance(args.rtol)
+            if method is not None:
+                solver.set_sensitivity_order(SensitivityOrder.first)
+                solver.set_sensitivity_method(method)
+            return solver
+
+        def run(solver):
+            result = simulate_petab(
+                problem, amici_model=model, solver=solver, problem_parameters=parameters,
+                scaled_parameters=True, edatas=edatas, parameter_mapping=mapping,
+                log_level=logging.ERROR)
+            ok = all(rd.status == 0 for rd in result[RDATAS])
+            return result, ok
+
+        row = {"import_s": import_seconds}
+        for label, method in (("simulate", None), ("grad_forward", SensitivityMethod.forward),
+                              ("grad_adjoint", SensitivityMethod.adjoint)):
+            solver = solver_for(method)
+            out["atol"] = solver.get_absolute_tolerance()
+            result, ok = run(solver)
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                result, ok = run(solver)
+                times.append(time.perf_counter() - started)
+            row[f"{label}_s"] = statistics.median(times) if ok else None
+            row[f"{label}_ok"] = ok
+            if label == "simulate":
+                row["nllh"] = -float(result[LLH])
+        out["problems"][name] = row
+        print(name, row, flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
