@@ -161,6 +161,7 @@ class PEtabProblem(eqx.Module):
     initial_divide_by: Int[Array, " S"]  # parameter index of the compartment, or -1
     preequilibration: Int[Array, " C"]  # condition index of the pre-condition or -1
     times: Float[Array, "C T"]
+    steady_state_measured: Array | None  # (C,) bool; None: no time-inf measurements
 
     measurement_condition: Int[Array, " M"]
     measurement_time: Int[Array, " M"]  # index into times[c]
@@ -239,7 +240,19 @@ class PEtabProblem(eqx.Module):
             sensitivity=self.sensitivity, initial_state=x0,
         )
         result = RESULTS.where(result == RESULTS.successful, trajectory.result, result)
-        return trajectory.states, params, result
+        states = trajectory.states
+        if self.steady_state_measured is not None:
+            # Measurements at time inf see the steady state reached from x0.
+            rtol, atol = self.steady_state_tolerances
+            x_inf, inf_result = steady_state(
+                self.model, params, initial_state=x0, integrator=self.integrator,
+                sensitivity=self.sensitivity, rtol=rtol, atol=atol,
+            )
+            needed = self.steady_state_measured[condition]
+            result = RESULTS.where(needed & (result == RESULTS.successful), inf_result,
+                                   result)
+            states = jnp.concatenate([states, x_inf[None]])
+        return states, params, result
 
     def predictions(self, x) -> tuple[Float[Array, " M"], Float[Array, " M"], RESULTS]:
         """Simulated observable $\\hat y_m$ and noise $\\sigma_m$ of every measurement
@@ -250,7 +263,10 @@ class PEtabProblem(eqx.Module):
             lambda c: self.simulate_condition(theta, c)
         )(conditions)
         c = self.measurement_condition
-        t = self.times[c, self.measurement_time]
+        times = self.times
+        if self.steady_state_measured is not None:
+            times = jnp.concatenate([times, jnp.full((times.shape[0], 1), jnp.inf)], axis=1)
+        t = times[c, self.measurement_time]
         xs = states[c, self.measurement_time]
         p = jax.tree.map(lambda v: v[c], params)
         obs_slots = self.observable_slots.resolve(theta)
@@ -689,6 +705,7 @@ class _Loader:
         m_time = np.zeros(M)
         times_by_condition: dict[int, set] = {c: set() for c in range(C)}
         pre_of = np.full(C, -1, int)
+        steady_measured = np.zeros(C, bool)
         sim_index = {cid: c for c, cid in enumerate(simulated)}
         for i, row in frame.iterrows():
             oid = row["observableId"]
@@ -712,9 +729,9 @@ class _Loader:
                     i, "measurement"))
             m_value[i] = value if value is not None else math.nan
             t = _float(row["time"])
-            if t is not None and math.isinf(t):
-                self.issues.append(measurements.issue(
-                    "steady-state measurements (time inf) are not supported yet", i, "time"))
+            if t is not None and t == math.inf:
+                m_time[i] = t
+                steady_measured[c] = True
             elif t is None or t < 0:
                 self.issues.append(measurements.issue(
                     f"time {row['time']!r} is not a non-negative number", i, "time"))
@@ -743,7 +760,9 @@ class _Loader:
         for c, values in times_by_condition.items():
             ordered = sorted(values) or [0.0]
             times[c] = ordered + [ordered[-1]] * (T - len(ordered))
+        # Time-inf measurements index the steady state, stored after the T times.
         m_time_index = np.array([
+            T if m_time[i] == math.inf else
             int(np.searchsorted(times[m_condition[i]], m_time[i])) for i in range(M)
         ], int)
 
@@ -792,6 +811,8 @@ class _Loader:
             initial_divide_by=as_int(divide_by),
             preequilibration=as_int(pre_of),
             times=jnp.asarray(times),
+            steady_state_measured=(jnp.asarray(steady_measured) if steady_measured.any()
+                                   else None),
             measurement_condition=as_int(m_condition),
             measurement_time=as_int(m_time_index),
             measurement_observable=as_int(m_observable),

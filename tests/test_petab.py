@@ -230,3 +230,23 @@ def test_fit_petab_problem_reaches_the_reference_optimum(tmp_path):
     nllh = np.sum(0.5 * np.log(2 * np.pi * np.asarray(sigma) ** 2)
                   + 0.5 * ((y - simulations["simulation"]) / np.asarray(sigma)) ** 2)
     np.testing.assert_allclose(nllh, record["objective"], rtol=1e-6)
+
+
+def test_time_inf_measures_the_steady_state(tmp_path):
+    folder = tmp_path / "Boehm"
+    shutil.copytree(DATA / "Boehm_JProteomeRes2014", folder)
+    table = folder / "measurementData_Boehm_JProteomeRes2014.tsv"
+    row = "rSTAT5A_rel\t\tmodel1_data1\t10.0\t{time}\t\tsd_rSTAT5A_rel\tlate"
+    table.write_text(table.read_text().rstrip("\n") + "\n" + row.format(time="inf") + "\n"
+                     + row.format(time="1e8") + "\n")
+    problem = cal.load_petab(folder / "Boehm_JProteomeRes2014.yaml",
+                             integrator=cal.Integrator(rtol=1e-10, atol=1e-12))
+    y_pred, _, result = eqx.filter_jit(lambda p, x: p.predictions(x))(
+        problem, problem.nominal_x())
+    assert cal.result_name(result) == "successful"
+    # The slowest rate is ~1e-5 per minute: by t = 1e8 the system rests.
+    np.testing.assert_allclose(y_pred[-2], y_pred[-1], rtol=1e-5)
+    reference = REFERENCE["Boehm_JProteomeRes2014"]
+    assert problem.n_measurements == 50
+    value, _ = _evaluate(problem, problem.nominal_x())
+    assert value > reference["nllh_nominal"]  # two more terms, each a likelihood > 0
