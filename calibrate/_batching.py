@@ -35,6 +35,14 @@ def safe_chunk_size(*flops_per_matrix: int, lanes_per_individual: int = 1) -> in
     return max(1, (LAPACK_SERIAL_WORK - 1) // worst)
 
 
+def fit_kernel_flops(n_states: int, n_residuals: int, n_unknowns: int) -> tuple[int, ...]:
+    """Flops per matrix (as jaxlib counts them) of the batched LAPACK kernels in a fit
+    of one lane: the stiff solver's $n\\times n$ LU, the least-squares QR of the
+    residual Jacobian ($m \\times n_u$) and the forward-sensitivity triangular solves
+    with one right-hand side per unknown."""
+    return n_states**3, 2 * n_residuals * n_unknowns**2, n_states**2 * (n_unknowns + 1)
+
+
 def default_chunk_size(n_individuals: int, *flops_per_matrix: int,
                        lanes_per_individual: int = 1) -> int | None:
     """`None` (one `vmap` of everything) off CPU or when the batch is small enough;

@@ -9,14 +9,15 @@ tracing it is cheap and XLA sees one fused expression graph.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import keyword
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import sympy as sp
+from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 from sympy.printing.numpy import JaxPrinter
 
 
@@ -41,13 +42,13 @@ class _Printer(JaxPrinter):
         return code
 
     def _print_And(self, expr):
-        return self._logical_chain("logical_and", expr.args)
+        return self._fold("logical_and", expr.args)
 
     def _print_Or(self, expr):
-        return self._logical_chain("logical_or", expr.args)
+        return self._fold("logical_or", expr.args)
 
     def _print_Xor(self, expr):
-        return self._logical_chain("logical_xor", expr.args)
+        return self._fold("logical_xor", expr.args)
 
     def _print_Not(self, expr):
         return f"jax.numpy.logical_not({self._print(expr.args[0])})"
@@ -58,12 +59,6 @@ class _Printer(JaxPrinter):
     def _print_BooleanFalse(self, expr):
         return "False"
 
-    def _logical_chain(self, op, args):
-        code = self._print(args[0])
-        for arg in args[1:]:
-            code = f"jax.numpy.{op}({code}, {self._print(arg)})"
-        return code
-
     def _print_Max(self, expr):
         return self._fold("maximum", expr.args)
 
@@ -71,6 +66,7 @@ class _Printer(JaxPrinter):
         return self._fold("minimum", expr.args)
 
     def _fold(self, op, args):
+        """`op(op(a0, a1), a2) ...` for a binary `jax.numpy` function `op`."""
         code = self._print(args[0])
         for arg in args[1:]:
             code = f"jax.numpy.{op}({code}, {self._print(arg)})"
@@ -153,9 +149,39 @@ def generate_source(
 def compile_function(name: str, arguments: Sequence[Argument], outputs: Sequence[sp.Expr]):
     """A JAX function of `arguments` returning `outputs` (shape `(len(outputs),)`)."""
     source = generate_source(name, arguments, outputs)
-    namespace = {"jax": jax, "functools": __import__("functools"), "jnp": jnp}
+    namespace = {"jax": jax, "functools": functools}
     code = compile(source, f"<calibrate generated {name}>", "exec")
     exec(code, namespace)
     function = namespace[name]
     function.source = source
     return function
+
+
+def _piecewise(*args):
+    if len(args) % 2 == 0:
+        raise ValueError("piecewise needs value, condition, ..., otherwise")
+    pieces = [(args[i], args[i + 1]) for i in range(0, len(args) - 1, 2)]
+    return sp.Piecewise(*pieces, (args[-1], True))
+
+
+# Functions of PEtab's math (also accepted in formula strings for SBML observables).
+FORMULA_FUNCTIONS = {
+    "exp": sp.exp, "log": lambda x, b=None: sp.log(x) if b is None else sp.log(x, b),
+    "ln": sp.log, "log10": lambda x: sp.log(x, 10), "log2": lambda x: sp.log(x, 2),
+    "sqrt": sp.sqrt, "abs": sp.Abs, "sign": sp.sign, "min": sp.Min, "max": sp.Max,
+    "pow": lambda a, b: a**b, "piecewise": _piecewise, "floor": sp.floor,
+    "ceil": sp.ceiling, "sin": sp.sin, "cos": sp.cos, "tan": sp.tan,
+    "true": sp.true, "false": sp.false, "inf": sp.oo, "pi": sp.pi,
+}
+
+
+def parse_formula(text: str, symbols: Mapping[str, object]) -> sp.Expr:
+    """A math expression (`^` is power, `&&`/`||` logical) as sympy, with `symbols`
+    bound by name; names not in `symbols` become fresh symbols for the caller to flag."""
+    local = {**FORMULA_FUNCTIONS, **symbols}
+    text = text.replace("&&", "&").replace("||", "|")
+    expression = parse_expr(
+        text, local_dict=local, transformations=(*standard_transformations, convert_xor),
+        evaluate=True,
+    )
+    return expression if isinstance(expression, sp.Basic) else sp.sympify(expression)

@@ -21,7 +21,7 @@ import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 from scipy.stats import qmc
 
-from ._batching import default_chunk_size, map_individuals
+from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
 from ._data import Dataset, Measurements
 from ._model import AbstractODEModel
 from ._objective import Objective
@@ -287,12 +287,10 @@ def fit(
     n = len(data)
     z0s = jnp.broadcast_to(jnp.asarray(z0), (n, *z0.shape))
     inputs = data.batched_inputs(model)
-    # Batched LAPACK kernels per lane: the stiff solver's LU and the least-squares QR.
-    n_states, n_p = len(model.states), len(space.estimated)
     rows = 2 * int(np.prod(data.measurements.values.shape[1:]))
-    chunk_size = default_chunk_size(n, n_states**3, 2 * rows * n_p**2,
-                                    n_states**2 * (n_p + 1),
-                                    lanes_per_individual=z0.shape[0])
+    chunk_size = default_chunk_size(
+        n, *fit_kernel_flops(len(model.states), rows, len(space.estimated)),
+        lanes_per_individual=z0.shape[0])
     z, loss, grad_norm, se, steps, result, losses = _fit_batch(
         objective, solver, z0s, data.measurements, inputs, max_steps, chunk_size
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,6 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 from jaxtyping import Array, Float, Int
-from sympy.parsing.sympy_parser import (
-    convert_xor,
-    parse_expr,
-    standard_transformations,
-)
 
 from . import _codegen
 from ._data import DataError, Issue
@@ -48,7 +43,15 @@ from ._modelspec import did_you_mean
 from ._noise import SIGMA_RESIDUAL_SHIFT
 from ._parameters import Parameter, ParameterSpace
 from ._results import RESULTS
-from ._sbml import TIME, SBMLModel, SymbolicModel, build_model, model_arguments, read_sbml
+from ._sbml import (
+    TIME,
+    SBMLError,
+    SBMLModel,
+    SymbolicModel,
+    build_model,
+    model_arguments,
+    read_sbml,
+)
 from ._sensitivity import AbstractSensitivity, ForwardMode
 from ._simulate import Integrator, simulate, steady_state
 
@@ -217,6 +220,12 @@ class PEtabProblem(eqx.Module):
                            values[jnp.maximum(self.initial_divide_by, 0)], 1.0)
         return jnp.where(self.condition_initial_set[condition], override / volume, x0)
 
+    def _steady_state(self, params, x0):
+        rtol, atol = self.steady_state_tolerances
+        return steady_state(self.model, params, initial_state=x0,
+                            integrator=self.integrator, sensitivity=self.sensitivity,
+                            rtol=rtol, atol=atol)
+
     def simulate_condition(self, theta, condition):
         """States of one simulation condition at its measurement times, and the result."""
         params, values = self._condition_params(theta, condition)
@@ -226,11 +235,7 @@ class PEtabProblem(eqx.Module):
             pre = self.preequilibration[condition]
             pre_params, pre_values = self._condition_params(theta, jnp.maximum(pre, 0))
             pre_x0 = self._initial_state(theta, jnp.maximum(pre, 0), pre_params, pre_values)
-            rtol, atol = self.steady_state_tolerances
-            x_ss, pre_result = steady_state(
-                self.model, pre_params, initial_state=pre_x0, integrator=self.integrator,
-                sensitivity=self.sensitivity, rtol=rtol, atol=atol,
-            )
+            x_ss, pre_result = self._steady_state(pre_params, pre_x0)
             # The simulation condition's own initial values override the steady state.
             after = self._initial_state(theta, condition, params, values, base=x_ss)
             x0 = jnp.where(pre >= 0, after, x0)
@@ -243,11 +248,7 @@ class PEtabProblem(eqx.Module):
         states = trajectory.states
         if self.steady_state_measured is not None:
             # Measurements at time inf see the steady state reached from x0.
-            rtol, atol = self.steady_state_tolerances
-            x_inf, inf_result = steady_state(
-                self.model, params, initial_state=x0, integrator=self.integrator,
-                sensitivity=self.sensitivity, rtol=rtol, atol=atol,
-            )
+            x_inf, inf_result = self._steady_state(params, x0)
             needed = self.steady_state_measured[condition]
             result = RESULTS.where(needed & (result == RESULTS.successful), inf_result,
                                    result)
@@ -291,12 +292,7 @@ class PEtabProblem(eqx.Module):
         y_pred, sigma, result = self.predictions(x)
         y = self.measurement_value
         code = self.measurement_transformation
-        transform = lambda v: jnp.where(
-            code == 0, v,
-            jnp.where(code == 1, 1.0, 1.0 / math.log(10))
-            * jnp.log(jnp.where(code == 0, 1.0, v)),
-        )
-        r = (transform(y) - transform(y_pred)) / sigma
+        r = (_to_scale(y, code) - _to_scale(y_pred, code)) / sigma
         jacobian = jnp.where(
             code == 0, 0.0,
             jnp.log(jnp.where(code == 0, 1.0, y)) + jnp.where(code == 2, math.log(math.log(10)), 0.0),
@@ -396,9 +392,11 @@ def load_petab(
     return _Loader(Path(yaml_path)).load(integrator, sensitivity, steady_state_tolerances)
 
 
-def _yaml_files(path: Path):
+def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
+    """The files a PEtab problem consists of, by role (checks the YAML file)."""
     import yaml
 
+    path = Path(path)
     if not path.is_file():
         raise PEtabError([Issue(str(path), "PEtab problem file not found")])
     try:
@@ -439,16 +437,13 @@ def _yaml_files(path: Path):
 
 
 def measurement_table(yaml_path: str | os.PathLike) -> pd.DataFrame:
-    """The problem's measurement table(s), in the order `PEtabProblem` holds them."""
-    files = _yaml_files(Path(yaml_path))
-    frames = [pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
-              for f in files["measurement_files"]]
-    return pd.concat(frames, ignore_index=True)
-
-
-def problem_files(yaml_path: str | os.PathLike) -> dict[str, list[Path]]:
-    """The files a PEtab problem consists of, by role."""
-    return _yaml_files(Path(yaml_path))
+    """The problem's measurement table(s) as read by `load_petab`, in the order a
+    `PEtabProblem` holds them."""
+    issues: list[Issue] = []
+    tables = [_read_tsv(f, (), issues) for f in problem_files(yaml_path)["measurement_files"]]
+    if issues:
+        raise PEtabError(issues)
+    return _concat(tables).frame
 
 
 class _Loader:
@@ -465,13 +460,12 @@ class _Loader:
         return None if any(t is None for t in tables) else _concat(tables)
 
     def load(self, integrator, sensitivity, steady_state_tolerances) -> PEtabProblem:
-        files = _yaml_files(self.path)
-        from ._sbml import SBMLError
-
+        files = problem_files(self.path)
         try:
             symbolic = read_sbml(files["sbml_files"][0])
         except SBMLError as error:
-            raise PEtabError([Issue(str(files["sbml_files"][0]), str(error).split(": ", 1)[-1])]) from None
+            location = error.location or str(files["sbml_files"][0])
+            raise PEtabError([Issue(location, error.detail)]) from None
         parameters = self.read(files["parameter_file"], (
             "parameterId", "parameterScale", "lowerBound", "upperBound", "nominalValue",
             "estimate"))
@@ -843,22 +837,18 @@ class _Loader:
 
     def formula(self, text, oid, kind, local, table, i, column, allow_observables):
         if _is_missing(text):
-            if kind == "noiseParameter":
-                self.issues.append(table.issue("noiseFormula is empty", i, column))
-            else:
-                self.issues.append(table.issue("observableFormula is empty", i, column))
+            self.issues.append(table.issue(f"{column} is empty", i, column))
             return sp.Integer(0), []
         try:
-            expression = parse_petab_formula(text, local)
+            expression = _codegen.parse_formula(text, local)
         except Exception as error:
             self.issues.append(table.issue(f"cannot parse {text!r}: {error}", i, column))
             return sp.Integer(0), []
-        prefix = f"{kind}"
         placeholders = {}
         for s in expression.free_symbols:
             name = str(s)
-            if name.startswith(prefix) and name.endswith(f"_{oid}"):
-                number = name[len(prefix):-len(oid) - 1]
+            if name.startswith(kind) and name.endswith(f"_{oid}"):
+                number = name[len(kind):-len(oid) - 1]
                 if number.isdigit() and int(number) >= 1:
                     placeholders[int(number)] = s
         count = max(placeholders, default=0)
@@ -870,19 +860,15 @@ class _Loader:
         slots = [sp.Symbol(f"{kind}{k}_{oid}", real=True) for k in range(1, count + 1)]
         expression = expression.xreplace({placeholders[k]: slots[k - 1]
                                           for k in placeholders})
-        known = set(local[n] for n in local) | set(slots)
+        known = set(local.values()) | set(slots)
         unknown = sorted(str(s) for s in expression.free_symbols - known)
         if not allow_observables:
-            observables_used = [str(s) for s in expression.free_symbols
-                                if str(s) in self._observable_names(table)]
-            unknown += observables_used
+            observable_ids = set(table.frame["observableId"])
+            unknown += [str(s) for s in expression.free_symbols if str(s) in observable_ids]
         if unknown:
             self.issues.append(table.issue(
                 f"unknown identifier(s) {', '.join(unknown)} in {text!r}", i, column))
         return expression, slots
-
-    def _observable_names(self, table):
-        return set(table.frame["observableId"])
 
     def placeholder_values(self, frame, column, observable_ids, slots, m_observable,
                            table, resolve) -> _Mapping:
@@ -914,35 +900,3 @@ def _midpoint(row):
     if row["scale"] == "lin":
         return 0.5 * (lo + hi)
     return math.sqrt(lo * hi)
-
-
-def _petab_piecewise(*args):
-    if len(args) % 2 == 0:
-        raise ValueError("piecewise needs value, condition, ..., otherwise")
-    pieces = [(args[i], args[i + 1]) for i in range(0, len(args) - 1, 2)]
-    return sp.Piecewise(*pieces, (args[-1], True))
-
-
-_FUNCTIONS = {
-    "exp": sp.exp, "log": lambda x, b=None: sp.log(x) if b is None else sp.log(x, b),
-    "ln": sp.log, "log10": lambda x: sp.log(x, 10), "log2": lambda x: sp.log(x, 2),
-    "sqrt": sp.sqrt, "abs": sp.Abs, "sign": sp.sign, "min": sp.Min, "max": sp.Max,
-    "pow": lambda a, b: a**b, "piecewise": _petab_piecewise, "floor": sp.floor,
-    "ceil": sp.ceiling, "sin": sp.sin, "cos": sp.cos, "tan": sp.tan,
-    "true": sp.true, "false": sp.false, "inf": sp.oo, "pi": sp.pi,
-}
-
-
-def parse_petab_formula(text: str, symbols: Mapping[str, Any]) -> sp.Expr:
-    """A PEtab math expression (`^` is power) as sympy, with `symbols` by name."""
-    local = {**_FUNCTIONS, **symbols}
-    text = text.replace("&&", "&").replace("||", "|")
-    expression = parse_expr(
-        text, local_dict=local,
-        transformations=(*standard_transformations, convert_xor),
-        evaluate=True,
-    )
-    if not isinstance(expression, sp.Basic):
-        expression = sp.sympify(expression)
-    return expression
-

@@ -23,7 +23,7 @@ import optimistix as optx
 import pandas as pd
 from jaxtyping import Array, Float, Int
 
-from ._batching import default_chunk_size, map_individuals
+from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
 from ._fit import AbstractStarts, SobolStarts, solve_optimum
 from ._petab import PEtabProblem
 from ._results import RESULTS, result_name
@@ -142,12 +142,10 @@ def fit_petab(
         raise ValueError(f"{problem.source}: multistart fits need finite bounds")
     z0s = jnp.asarray(starts.points(space, seed))
     n_starts, n_p = z0s.shape
-    n_states = len(problem.model.states)
-    n_conditions = len(problem.condition_ids)
-    rows = 2 * problem.n_measurements
     chunk_size = default_chunk_size(
-        n_starts, n_states**3, 2 * rows * n_p**2, n_states**2 * (n_p + 1),
-        lanes_per_individual=n_conditions,
+        n_starts,
+        *fit_kernel_flops(len(problem.model.states), 2 * problem.n_measurements, n_p),
+        lanes_per_individual=len(problem.condition_ids),
     )
     started = time.perf_counter()
     compiled = _fit_starts.lower(problem, solver, z0s, max_steps, chunk_size).compile()

@@ -47,7 +47,7 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
-from ._batching import default_chunk_size, map_individuals
+from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
 from ._checkpoint import Checkpoint
 from ._data import Dataset, Measurements
 from ._hypergrad import (
@@ -666,13 +666,9 @@ def population_setup(
     )
     u0 = jnp.concatenate([jnp.zeros(k), individual_start])
     if chunk_size is None:
-        # Largest batched LAPACK kernels per individual: the stiff solver's LU, the
-        # inner least-squares QR (residuals × unknowns) and forward-mode solves with
-        # one right-hand side per unknown.
-        n_states, n_u = len(model.states), int(u0.size)
+        n_u = int(u0.size)
         rows = int(np.prod(train.values.shape[1:])) * 2 + n_u
-        chunk_size = default_chunk_size(n, n_states**3, 2 * rows * n_u**2,
-                                        n_states**2 * (n_u + 1))
+        chunk_size = default_chunk_size(n, *fit_kernel_flops(len(model.states), rows, n_u))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return PopulationSetup(

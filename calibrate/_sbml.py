@@ -40,7 +40,15 @@ TIME = sp.Symbol("time")
 
 
 class SBMLError(ValueError):
-    """An SBML document that cannot be imported; the message names the element."""
+    """An SBML document that cannot be imported; the message names the element.
+
+    `location` is the file (with a line where libsbml gives one), `detail` the rest.
+    """
+
+    def __init__(self, detail: str, location: str = ""):
+        self.detail = detail
+        self.location = location
+        super().__init__(f"{location}: {detail}" if location else detail)
 
 
 def _libsbml():
@@ -122,12 +130,31 @@ class _Reader:
         self.source = source
         self.model = document.getModel()
         if self.model is None:
-            raise SBMLError(f"{source}: the document has no model")
+            raise SBMLError("the document has no model", source)
         self.symbols: dict[str, sp.Symbol] = {}
         self.functions: dict[str, sp.Lambda] = {}
+        L = self.libsbml
+        # MathML operators that map to a sympy function of their arguments.
+        self.applied = {
+            L.AST_FUNCTION_EXP: sp.exp, L.AST_FUNCTION_LN: sp.log,
+            L.AST_FUNCTION_ABS: sp.Abs, L.AST_FUNCTION_FLOOR: sp.floor,
+            L.AST_FUNCTION_CEILING: sp.ceiling, L.AST_FUNCTION_SIN: sp.sin,
+            L.AST_FUNCTION_COS: sp.cos, L.AST_FUNCTION_TAN: sp.tan,
+            L.AST_FUNCTION_ARCSIN: sp.asin, L.AST_FUNCTION_ARCCOS: sp.acos,
+            L.AST_FUNCTION_ARCTAN: sp.atan, L.AST_FUNCTION_SINH: sp.sinh,
+            L.AST_FUNCTION_COSH: sp.cosh, L.AST_FUNCTION_TANH: sp.tanh,
+            L.AST_FUNCTION_SEC: sp.sec, L.AST_FUNCTION_CSC: sp.csc,
+            L.AST_FUNCTION_COT: sp.cot, L.AST_LOGICAL_NOT: sp.Not,
+            L.AST_LOGICAL_AND: sp.And, L.AST_LOGICAL_OR: sp.Or, L.AST_LOGICAL_XOR: sp.Xor,
+        }
+        self.relational = {
+            L.AST_RELATIONAL_EQ: sp.Eq, L.AST_RELATIONAL_NEQ: sp.Ne,
+            L.AST_RELATIONAL_LT: sp.Lt, L.AST_RELATIONAL_LEQ: sp.Le,
+            L.AST_RELATIONAL_GT: sp.Gt, L.AST_RELATIONAL_GEQ: sp.Ge,
+        }
 
     def error(self, element: str, message: str) -> SBMLError:
-        return SBMLError(f"{self.source}: {element}: {message}")
+        return SBMLError(f"{element}: {message}", self.source)
 
     def sym(self, name: str) -> sp.Symbol:
         if name not in self.symbols:
@@ -203,32 +230,11 @@ class _Reader:
             if name not in self.functions:
                 raise self.error(where, f"calls unknown function {name!r}")
             return self.functions[name](*args())
-        simple = {
-            L.AST_FUNCTION_EXP: sp.exp, L.AST_FUNCTION_LN: sp.log,
-            L.AST_FUNCTION_ABS: sp.Abs, L.AST_FUNCTION_FLOOR: sp.floor,
-            L.AST_FUNCTION_CEILING: sp.ceiling, L.AST_FUNCTION_SIN: sp.sin,
-            L.AST_FUNCTION_COS: sp.cos, L.AST_FUNCTION_TAN: sp.tan,
-            L.AST_FUNCTION_ARCSIN: sp.asin, L.AST_FUNCTION_ARCCOS: sp.acos,
-            L.AST_FUNCTION_ARCTAN: sp.atan, L.AST_FUNCTION_SINH: sp.sinh,
-            L.AST_FUNCTION_COSH: sp.cosh, L.AST_FUNCTION_TANH: sp.tanh,
-            L.AST_FUNCTION_SEC: sp.sec, L.AST_FUNCTION_CSC: sp.csc,
-            L.AST_FUNCTION_COT: sp.cot, L.AST_LOGICAL_NOT: sp.Not,
-        }
-        if kind in simple:
-            return simple[kind](*args())
-        nary = {
-            L.AST_LOGICAL_AND: sp.And, L.AST_LOGICAL_OR: sp.Or, L.AST_LOGICAL_XOR: sp.Xor,
-        }
-        if kind in nary:
-            return nary[kind](*args())
-        relational = {
-            L.AST_RELATIONAL_EQ: sp.Eq, L.AST_RELATIONAL_NEQ: sp.Ne,
-            L.AST_RELATIONAL_LT: sp.Lt, L.AST_RELATIONAL_LEQ: sp.Le,
-            L.AST_RELATIONAL_GT: sp.Gt, L.AST_RELATIONAL_GEQ: sp.Ge,
-        }
-        if kind in relational:
+        if kind in self.applied:
+            return self.applied[kind](*args())
+        if kind in self.relational:
             a = args()
-            op = relational[kind]
+            op = self.relational[kind]
             return sp.And(*(op(a[i], a[i + 1]) for i in range(len(a) - 1)))
         for name in ("AST_FUNCTION_MAX", "AST_FUNCTION_MIN", "AST_FUNCTION_QUOTIENT",
                      "AST_FUNCTION_REM"):
@@ -267,7 +273,7 @@ def read_sbml(path: str | os.PathLike) -> SymbolicModel:
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise SBMLError(f"{source}: SBML file not found")
+        raise SBMLError("SBML file not found", source)
     document = libsbml.readSBMLFromFile(str(path))
     errors = [
         document.getError(i) for i in range(document.getNumErrors())
@@ -276,9 +282,9 @@ def read_sbml(path: str | os.PathLike) -> SymbolicModel:
     if errors:
         first = errors[0]
         raise SBMLError(
-            f"{source}, line {first.getLine()}: not valid SBML: "
-            f"{first.getMessage().strip()}"
-            + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
+            f"not valid SBML: {first.getMessage().strip()}"
+            + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""),
+            f"{source}, line {first.getLine()}",
         )
     return _build(_Reader(document, source))
 
@@ -326,7 +332,7 @@ def _build(reader: _Reader) -> SymbolicModel:
     initial: dict[str, sp.Expr] = {}
     species_info: dict[str, SpeciesInfo] = {}
 
-    def declare_value(identifier: str, value: float | None, is_constant: bool, what: str):
+    def declare_value(identifier: str, value: float | None, what: str):
         reader.sym(identifier)
         if identifier in assignment:
             return
@@ -350,12 +356,12 @@ def _build(reader: _Reader) -> SymbolicModel:
         size = compartment.getSize() if compartment.isSetSize() else None
         if size is None and cid not in initial_assignments and cid not in assignment:
             size = 1.0  # SBML Level 2 default for 3-d compartments
-        declare_value(cid, size, compartment.getConstant(), "compartment")
+        declare_value(cid, size, "compartment")
 
     for parameter in model.getListOfParameters():
         pid = parameter.getId()
         value = parameter.getValue() if parameter.isSetValue() else None
-        declare_value(pid, value, parameter.getConstant(), "parameter")
+        declare_value(pid, value, "parameter")
 
     changing_compartments = {c for c in rate} | {c for c in assignment}
     reaction_species: set[str] = set()
@@ -433,8 +439,7 @@ def _build(reader: _Reader) -> SymbolicModel:
                                  (1, reaction.getListOfProducts())):
             for reference in references:
                 sid = reference.getSpecies()
-                if reference.isSetStoichiometryMath() if hasattr(
-                        reference, "isSetStoichiometryMath") else False:
+                if getattr(reference, "isSetStoichiometryMath", lambda: False)():
                     raise reader.error(where, f"stoichiometryMath of {sid!r} is not supported")
                 if reference.isSetId() and (reference.getId() in rate
                                             or reference.getId() in assignment
@@ -455,22 +460,18 @@ def _build(reader: _Reader) -> SymbolicModel:
     derived = {**constants, **assignment}
     derived_symbols = {reader.sym(n): e for n, e in derived.items()}
     for name in list(derived):
-        derived[name] = _resolve(derived[name], derived_symbols, reader, name)
+        derived[name] = _substitute_until_fixed(
+            derived[name], derived_symbols,
+            reader.error(f"rule for {name!r}", "assignment rules form a cycle"))
     resolve = {reader.sym(n): e for n, e in derived.items()}
 
-    # Initial values see species at their initial values.
-    initial_env = {reader.sym(s): initial[s] for s in states}
-    initial_values = []
-    for s in states:
-        value = initial[s].xreplace(resolve)
-        for _ in range(len(states) + 1):
-            substituted = value.xreplace(initial_env).xreplace(resolve)
-            if substituted == value:
-                break
-            value = substituted
-        else:
-            raise reader.error(f"initial value of {s!r}", "depends on itself")
-        initial_values.append(value)
+    # Initial values see species at their initial values (derived quantities resolved).
+    initial_env = {**resolve, **{reader.sym(s): initial[s] for s in states}}
+    initial_values = [
+        _substitute_until_fixed(initial[s], initial_env,
+                                reader.error(f"initial value of {s!r}", "depends on itself"))
+        for s in states
+    ]
 
     known = set(states) | set(parameters) | {str(TIME)}
     symbolic = SymbolicModel(
@@ -489,12 +490,11 @@ def _build(reader: _Reader) -> SymbolicModel:
         for e in expressions:
             unknown = {str(s) for s in e.free_symbols} - known
             if unknown:
-                raise SBMLError(
-                    f"{source}: {where} uses undefined identifiers {sorted(unknown)}"
-                )
+                raise SBMLError(f"{where} uses undefined identifiers {sorted(unknown)}",
+                                source)
     for s, e in zip(states, symbolic.initial, strict=True):
         if TIME in e.free_symbols or set(symbolic.state_symbols) & e.free_symbols:
-            raise SBMLError(f"{source}: initial value of {s!r} depends on time or states")
+            raise SBMLError(f"initial value of {s!r} depends on time or states", source)
     return symbolic
 
 
@@ -502,13 +502,15 @@ def _number(value: float) -> sp.Expr:
     return sp.Integer(int(value)) if float(value).is_integer() else sp.Float(value)
 
 
-def _resolve(expression, derived_symbols, reader, name):
-    for _ in range(len(derived_symbols) + 1):
-        substituted = expression.xreplace(derived_symbols)
+def _substitute_until_fixed(expression, substitutions, cycle_error: SBMLError):
+    """Apply `substitutions` until nothing changes; more rounds than substitutions
+    means a cycle."""
+    for _ in range(len(substitutions) + 1):
+        substituted = expression.xreplace(substitutions)
         if substituted == expression:
             return expression
         expression = substituted
-    raise reader.error(f"rule for {name!r}", "assignment rules form a cycle")
+    raise cycle_error
 
 
 class SBMLModel(AbstractODEModel):
@@ -554,9 +556,7 @@ def build_model(
     for name, value in symbolic.parameters.items():
         value = values.get(name, value)
         if value is None:
-            raise SBMLError(
-                f"{symbolic.source}: parameter {name!r} has no value; give one"
-            )
+            raise SBMLError(f"parameter {name!r} has no value; give one", symbolic.source)
         parameter_values[name] = float(value)
     parameters = tuple(
         Parameter(name, value, estimate=False) for name, value in parameter_values.items()
@@ -593,12 +593,9 @@ def _expression(symbolic: SymbolicModel, name: str, formula) -> sp.Expr:
     """A formula string or sympy expression over the model's identifiers."""
     if not isinstance(formula, str):
         return sp.sympify(formula)
-    from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
-
     local = {**symbolic.symbols, "time": TIME}
     try:
-        expression = parse_expr(formula, local_dict=local,
-                                transformations=(*standard_transformations, convert_xor))
+        expression = _codegen.parse_formula(formula, local)
     except Exception as error:
         raise SBMLError(f"observable {name!r}: cannot parse {formula!r}: {error}") from None
     unknown = sorted(str(s) for s in expression.free_symbols - set(local.values()))

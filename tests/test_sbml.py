@@ -18,6 +18,22 @@ def _math(formula):
     return node
 
 
+def _add_reaction(model, rid, *, reactant=None, product=None):
+    """An irreversible reaction with one reactant or product; returns its kinetic law."""
+    reaction = model.createReaction()
+    reaction.setId(rid)
+    reaction.setReversible(False)
+    reaction.setFast(False)
+    for species, create in ((reactant, reaction.createReactant),
+                            (product, reaction.createProduct)):
+        if species is not None:
+            reference = create()
+            reference.setSpecies(species)
+            reference.setStoichiometry(1.0)
+            reference.setConstant(True)
+    return reaction.createKineticLaw()
+
+
 def build_document(*, extra=None):
     """A model exercising compartments, units, rules and function definitions.
 
@@ -63,33 +79,14 @@ def build_document(*, extra=None):
     assignment = model.createInitialAssignment()
     assignment.setSymbol("k")
     assignment.setMath(_math("2 * kk"))
-    rule = model.createRateRule()
-    rule.setVariable("C")
-    rule.setMath(_math("decay(C)"))
-    rule = model.createRateRule()
-    rule.setVariable("p")
-    rule.setMath(_math("piecewise(1, time < t_switch, 0)"))
-    rule = model.createAssignmentRule()
-    rule.setVariable("D")
-    rule.setMath(_math("A + B"))
-    reaction = model.createReaction()
-    reaction.setId("degradation")
-    reaction.setReversible(False)
-    reaction.setFast(False)
-    reactant = reaction.createReactant()
-    reactant.setSpecies("A")
-    reactant.setStoichiometry(1.0)
-    reactant.setConstant(True)
-    reaction.createKineticLaw().setMath(_math("k * A * V"))
-    reaction = model.createReaction()
-    reaction.setId("production")
-    reaction.setReversible(False)
-    reaction.setFast(False)
-    product = reaction.createProduct()
-    product.setSpecies("B")
-    product.setStoichiometry(1.0)
-    product.setConstant(True)
-    law = reaction.createKineticLaw()
+    for kind, variable, formula in (("rate", "C", "decay(C)"),
+                                    ("rate", "p", "piecewise(1, time < t_switch, 0)"),
+                                    ("assignment", "D", "A + B")):
+        rule = model.createRateRule() if kind == "rate" else model.createAssignmentRule()
+        rule.setVariable(variable)
+        rule.setMath(_math(formula))
+    _add_reaction(model, "degradation", reactant="A").setMath(_math("k * A * V"))
+    law = _add_reaction(model, "production", product="B")
     local = law.createLocalParameter()
     local.setId("kin")
     local.setValue(0.5)
