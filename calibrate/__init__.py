@@ -134,6 +134,11 @@ from ._petab import (  # noqa: E402
     load_petab as load_petab,
 )
 from ._petab_fit import PEtabFitResult as PEtabFitResult, fit_petab as fit_petab  # noqa: E402
+from ._petab_population import (  # noqa: E402
+    PEtabLikelihood as PEtabLikelihood,
+    population_roles as petab_population_roles,
+    population_space as petab_population_space,
+)
 from ._predictions import predictions_frame as predictions_frame  # noqa: E402
 from ._problem import (  # noqa: E402
     Problem as Problem,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import sympy as sp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from . import _codegen
 from ._data import DataError, Issue
@@ -58,6 +58,7 @@ from ._simulate import Integrator, simulate, steady_state
 
 TRANSFORMATIONS = ("lin", "log", "log10")
 DISTRIBUTIONS = ("normal", "laplace")
+POPULATION_DISTRIBUTIONS = ("fixed", "individual", "normal", "logNormal")
 PRIORS = (
     "uniform", "normal", "laplace", "logNormal", "logLaplace",
     "parameterScaleUniform", "parameterScaleNormal", "parameterScaleLaplace",
@@ -139,6 +140,41 @@ class _Mapping(eqx.Module):
         return jnp.where(self.source >= 0, theta[jnp.maximum(self.source, 0)], self.value)
 
 
+class MeasurementSet(eqx.Module):
+    """Measurements and the simulation conditions they need.
+
+    `conditions` index the problem's simulated conditions; `condition` indexes
+    `conditions`, `time` the condition's time grid (its last entry is the steady
+    state when the problem has time-inf measurements). Padding rows have
+    `mask = False` and harmless stand-in values; `row` is each measurement's row in
+    the measurement table (-1 for padding).
+    """
+
+    conditions: Int[Array, " C"]
+    condition: Int[Array, " M"]
+    time: Int[Array, " M"]
+    observable: Int[Array, " M"]
+    value: Float[Array, " M"]
+    transformation: Int[Array, " M"]
+    distribution: Int[Array, " M"]
+    observable_slots: _Mapping  # (M, J_obs)
+    noise_slots: _Mapping  # (M, J_noise)
+    mask: Bool[Array, " M"]
+    row: Int[Array, " M"]
+
+
+@dataclass(frozen=True)
+class PopulationRole:
+    """A parameter's role in the population extension (see `calibrate._petab_population`):
+    `role` is "fixed", "random" or "individual"; a random parameter has a `distribution`
+    ("normal" or "logNormal") and a start standard deviation `sd` on that scale."""
+
+    parameter: str
+    role: str
+    distribution: str | None = None
+    sd: float | None = None
+
+
 class PEtabProblem(eqx.Module):
     """A PEtab problem compiled for JAX (see the module docstring for the maths).
 
@@ -166,14 +202,11 @@ class PEtabProblem(eqx.Module):
     times: Float[Array, "C T"]
     steady_state_measured: Array | None  # (C,) bool; None: no time-inf measurements
 
-    measurement_condition: Int[Array, " M"]
-    measurement_time: Int[Array, " M"]  # index into times[c]
-    measurement_observable: Int[Array, " M"]
-    measurement_value: Float[Array, " M"]
-    measurement_transformation: Int[Array, " M"]
-    measurement_distribution: Int[Array, " M"]
-    observable_slots: _Mapping  # (M, J_obs)
-    noise_slots: _Mapping  # (M, J_noise)
+    measurements: MeasurementSet  # every measurement of the problem, in table order
+    # The population extension: each individual's measurements (leading axis N).
+    individual_ids: tuple[str, ...] = eqx.field(static=True)
+    individual_measurements: MeasurementSet | None
+    population_roles: tuple[PopulationRole, ...] = eqx.field(static=True)
 
     prior_type: Int[Array, " E"]  # index into PRIORS, -1 for none
     prior_parameters: Float[Array, "E 2"]
@@ -190,7 +223,12 @@ class PEtabProblem(eqx.Module):
 
     @property
     def n_measurements(self) -> int:
-        return int(self.measurement_value.shape[0])
+        return int(self.measurements.value.shape[0])
+
+    @property
+    def is_population(self) -> bool:
+        """Whether the problem uses the population extension (an `individualId`)."""
+        return bool(self.individual_ids)
 
     def nominal_x(self) -> Float[Array, " E"]:
         """The estimated parameters' nominal values on their scale."""
@@ -258,20 +296,22 @@ class PEtabProblem(eqx.Module):
     def predictions(self, x) -> tuple[Float[Array, " M"], Float[Array, " M"], RESULTS]:
         """Simulated observable $\\hat y_m$ and noise $\\sigma_m$ of every measurement
         (in the table's row order), and the worst solve result."""
-        theta = self.theta(x)
-        conditions = jnp.arange(len(self.condition_ids))
+        return self.predict(self.theta(x), self.measurements)
+
+    def predict(self, theta, measurements: MeasurementSet):
+        """`predictions` of a `MeasurementSet` at all parameters `theta` (linear scale)."""
         states, params, results = jax.vmap(
             lambda c: self.simulate_condition(theta, c)
-        )(conditions)
-        c = self.measurement_condition
-        times = self.times
+        )(measurements.conditions)
+        c = measurements.condition
+        times = self.times[measurements.conditions]
         if self.steady_state_measured is not None:
             times = jnp.concatenate([times, jnp.full((times.shape[0], 1), jnp.inf)], axis=1)
-        t = times[c, self.measurement_time]
-        xs = states[c, self.measurement_time]
+        t = times[c, measurements.time]
+        xs = states[c, measurements.time]
         p = jax.tree.map(lambda v: v[c], params)
-        obs_slots = self.observable_slots.resolve(theta)
-        noise_slots = self.noise_slots.resolve(theta)
+        obs_slots = measurements.observable_slots.resolve(theta)
+        noise_slots = measurements.noise_slots.resolve(theta)
         all_observables = jax.vmap(self.observe_function, in_axes=(0, 0, 0, None, 0))(
             t, xs, p, theta, obs_slots
         )
@@ -279,7 +319,7 @@ class PEtabProblem(eqx.Module):
             t, xs, p, theta, noise_slots, all_observables
         )
         pick = lambda a: jnp.take_along_axis(
-            a, self.measurement_observable[:, None], axis=1
+            a, measurements.observable[:, None], axis=1
         )[:, 0]
         failed = results != RESULTS.successful
         first_failure = jax.tree.map(lambda v: v[jnp.argmax(failed)], results)
@@ -289,21 +329,30 @@ class PEtabProblem(eqx.Module):
     # -- likelihood ----------------------------------------------------------------------
 
     def _terms(self, x):
-        y_pred, sigma, result = self.predictions(x)
-        y = self.measurement_value
-        code = self.measurement_transformation
+        return self.terms(self.theta(x), self.measurements)
+
+    def terms(self, theta, measurements: MeasurementSet):
+        """Per measurement: residual $r_m$, $\\sigma_m$ and negative log-likelihood term
+        (0 for padding), and the worst solve result."""
+        y_pred, sigma, result = self.predict(theta, measurements)
+        mask = measurements.mask
+        # Padding gets harmless stand-ins so no NaN leaks into derivatives.
+        y = jnp.where(mask, measurements.value, 1.0)
+        y_pred = jnp.where(mask, y_pred, 1.0)
+        sigma = jnp.where(mask, sigma, 1.0)
+        code = measurements.transformation
         r = (_to_scale(y, code) - _to_scale(y_pred, code)) / sigma
         jacobian = jnp.where(
             code == 0, 0.0,
             jnp.log(jnp.where(code == 0, 1.0, y)) + jnp.where(code == 2, math.log(math.log(10)), 0.0),
         )
-        laplace = self.measurement_distribution == 1
+        laplace = measurements.distribution == 1
         terms = jnp.where(
             laplace,
             jnp.log(2 * sigma) + jnp.abs(r),
             0.5 * _LOG_2PI + jnp.log(sigma) + 0.5 * r**2,
         ) + jacobian
-        return r, sigma, terms, result
+        return jnp.where(mask, r, 0.0), sigma, jnp.where(mask, terms, 0.0), result
 
     def evaluate(self, x) -> tuple[Float[Array, ""], RESULTS]:
         """Negative log-likelihood of the data (priors excluded) and the solve result;
@@ -345,11 +394,23 @@ class PEtabProblem(eqx.Module):
     def residuals(self, x) -> Float[Array, " R"]:
         r"""Residuals with $\tfrac12\lVert r\rVert^2 = $ objective + const (normal noise):
         $r_m$, then $\sqrt{2\log\sigma_m + C}$ for every measurement."""
-        r, sigma, _, result = self._terms(x)
-        extra = jnp.sqrt(2 * jnp.log(sigma) + SIGMA_RESIDUAL_SHIFT)
+        return self.residuals_of(self.theta(x), self.measurements)[0]
+
+    def residuals_of(self, theta, measurements: MeasurementSet):
+        """`residuals` (0 for padding), the negative log-likelihood and the solve
+        result of a `MeasurementSet` at `theta`; on failure the residuals are a large
+        constant without derivative and the likelihood is `inf`."""
+        r, sigma, terms, result = self.terms(theta, measurements)
+        extra = jnp.where(measurements.mask,
+                          jnp.sqrt(2 * jnp.log(sigma) + SIGMA_RESIDUAL_SHIFT), 0.0)
         out = jnp.concatenate([r, extra])
-        ok = (result == RESULTS.successful) & jnp.all(jnp.isfinite(out))
-        return jnp.where(ok, out, jax.lax.stop_gradient(jnp.full_like(out, 1e6)))
+        value = jnp.sum(terms)
+        ok = ((result == RESULTS.successful) & jnp.all(jnp.isfinite(out))
+              & jnp.isfinite(value))
+        result = RESULTS.where((result == RESULTS.successful) & ~ok,
+                               RESULTS.nonfinite_likelihood, result)
+        out = jnp.where(ok, out, jax.lax.stop_gradient(jnp.full_like(out, 1e6)))
+        return out, jnp.where(ok, value, jnp.inf), result
 
     def value_and_gradient(self, x, sensitivity: AbstractSensitivity | None = None):
         """Negative log-likelihood and its gradient w.r.t. `x` (parameter scale), in the
@@ -483,6 +544,7 @@ class _Loader:
     # -- parameter table ------------------------------------------------------------------
 
     def parameter_table(self, table: _Table, symbolic: SymbolicModel):
+        self.parameters = table
         rows = []
         seen = set()
         for i, row in table.frame.iterrows():
@@ -521,7 +583,8 @@ class _Loader:
                 numbers[column] = value
             prior = self.prior(table, i, row)
             rows.append(dict(id=pid, scale=scale, estimate=estimate == "1", prior=prior,
-                             row=i, **numbers))
+                             row=i, population=self.population_role(table, i, row),
+                             **numbers))
         for r in rows:
             lo, hi, nominal = r["lowerBound"], r["upperBound"], r["nominalValue"]
             if r["scale"] in ("log", "log10") and r["estimate"] and not lo > 0:
@@ -536,6 +599,51 @@ class _Loader:
                     f"nominalValue {nominal} lies outside [{lo}, {hi}]", r["row"],
                     "nominalValue"))
         return rows
+
+    def population_role(self, table, i, row) -> PopulationRole | None:
+        """The population extension's columns `populationDistribution` and
+        `populationSd` of one row (None when the row has neither)."""
+        pid = row["parameterId"]
+        kind = row.get("populationDistribution", "")
+        sd_text = row.get("populationSd", "")
+        if _is_missing(kind):
+            if not _is_missing(sd_text):
+                self.issues.append(table.issue(
+                    "populationSd is given but populationDistribution is empty", i,
+                    "populationSd"))
+            return None if row["estimate"] != "1" else PopulationRole(pid, "fixed")
+        if kind not in POPULATION_DISTRIBUTIONS:
+            self.issues.append(table.issue(
+                f"populationDistribution {kind!r} is not one of "
+                f"{', '.join(POPULATION_DISTRIBUTIONS)}"
+                f"{did_you_mean(kind, POPULATION_DISTRIBUTIONS)}", i,
+                "populationDistribution"))
+            return None
+        if row["estimate"] != "1":
+            self.issues.append(table.issue(
+                f"populationDistribution {kind!r} needs estimate = 1", i, "estimate"))
+            return None
+        if kind in ("fixed", "individual"):
+            if not _is_missing(sd_text):
+                self.issues.append(table.issue(
+                    f"populationSd applies to normal or logNormal parameters, not {kind}",
+                    i, "populationSd"))
+            return PopulationRole(pid, kind)
+        sd = None
+        if not _is_missing(sd_text):
+            sd = _float(sd_text)
+            if sd is None or not (math.isfinite(sd) and sd > 0):
+                self.issues.append(table.issue(
+                    f"populationSd {sd_text!r} is not a positive number", i, "populationSd"))
+                sd = None
+        if sd is None:
+            nominal = _float(row["nominalValue"]) or 0.0
+            sd = 0.3 if kind == "logNormal" or nominal == 0 else 0.3 * abs(nominal)
+        if kind == "logNormal" and not (_float(row["nominalValue"]) or 0.0) > 0:
+            self.issues.append(table.issue(
+                "a logNormal parameter needs a positive nominalValue (the start of its "
+                "population median)", i, "nominalValue"))
+        return PopulationRole(pid, "random", kind, sd)
 
     def prior(self, table, i, row):
         kind = row.get("objectivePriorType", "")
@@ -740,6 +848,8 @@ class _Loader:
                 self.issues.append(measurements.issue(
                     f"condition {row['simulationConditionId']!r} appears with two different "
                     "pre-equilibration conditions", i, "preequilibrationConditionId"))
+        individual_rows = self.population(frame, measurements, parameter_rows, obs,
+                                          observables, distribution)
         self.fail_if_issues()
         obs_slot_values = self.placeholder_values(
             frame, "observableParameters", observable_ids, obs_slots, m_observable,
@@ -787,7 +897,49 @@ class _Loader:
                       else _midpoint(r), r["lowerBound"], r["upperBound"], r["scale"])
             for r in estimated
         ])
+        transformation_codes = np.array([transformation[observable_ids[o]]
+                                         for o in m_observable], int)
+        distribution_codes = np.array([distribution[observable_ids[o]]
+                                       for o in m_observable], int)
+
+        def measurement_set(rows, n_conditions, n_rows) -> MeasurementSet:
+            """The measurements in `rows`, padded to `n_rows` rows and (by repeating a
+            condition) `n_conditions` conditions."""
+            rows = np.asarray(rows, int)
+            used = list(dict.fromkeys(m_condition[rows]))
+            local = {c: j for j, c in enumerate(used)}
+            pad = n_rows - len(rows)
+            padded = lambda a, fill: np.concatenate([a, np.full((pad, *a.shape[1:]), fill,
+                                                                dtype=a.dtype)])
+            slots = lambda m: _Mapping(
+                jnp.asarray(padded(np.asarray(m.source)[rows], -1), dtype=jnp.int32),
+                jnp.asarray(padded(np.asarray(m.value)[rows], _UNUSED_SLOT)))
+            return MeasurementSet(
+                conditions=as_int(used + [used[0]] * (n_conditions - len(used))),
+                condition=as_int(padded(np.array([local[c] for c in m_condition[rows]],
+                                                 int), 0)),
+                time=as_int(padded(m_time_index[rows], 0)),
+                observable=as_int(padded(m_observable[rows], 0)),
+                value=jnp.asarray(padded(m_value[rows], 1.0)),
+                transformation=as_int(padded(transformation_codes[rows], 0)),
+                distribution=as_int(padded(distribution_codes[rows], 0)),
+                observable_slots=slots(obs_slot_values),
+                noise_slots=slots(noise_slot_values),
+                mask=jnp.asarray(padded(np.ones(len(rows), bool), False)),
+                row=as_int(padded(rows, -1)),
+            )
+
         as_int = lambda a: jnp.asarray(a, dtype=jnp.int32)
+        everything = measurement_set(np.arange(M), len(used_simulation), M)
+        individual_ids, per_individual = [], None
+        if individual_rows:
+            individual_ids = list(individual_rows)
+            groups = [individual_rows[i] for i in individual_ids]
+            n_rows = max(len(g) for g in groups)
+            n_conditions = max(len(set(m_condition[g])) for g in groups)
+            sets = [measurement_set(g, n_conditions, n_rows) for g in groups]
+            per_individual = jax.tree.map(lambda *a: jnp.stack(a), *sets)
+        roles = ([r["population"] for r in estimated] if individual_rows else [])
         return PEtabProblem(
             model=model,
             parameter_ids=tuple(parameter_ids),
@@ -807,16 +959,10 @@ class _Loader:
             times=jnp.asarray(times),
             steady_state_measured=(jnp.asarray(steady_measured) if steady_measured.any()
                                    else None),
-            measurement_condition=as_int(m_condition),
-            measurement_time=as_int(m_time_index),
-            measurement_observable=as_int(m_observable),
-            measurement_value=jnp.asarray(m_value),
-            measurement_transformation=as_int([transformation[observable_ids[o]]
-                                               for o in m_observable]),
-            measurement_distribution=as_int([distribution[observable_ids[o]]
-                                             for o in m_observable]),
-            observable_slots=obs_slot_values,
-            noise_slots=noise_slot_values,
+            measurements=everything,
+            individual_ids=tuple(individual_ids),
+            individual_measurements=per_individual,
+            population_roles=tuple(roles),
             prior_type=as_int(prior_type),
             prior_parameters=jnp.asarray(prior_parameters),
             model_parameter_names=tuple(model_parameters),
@@ -827,6 +973,53 @@ class _Loader:
             sensitivity=sensitivity,
             steady_state_tolerances=tuple(steady_state_tolerances),
         )
+
+    def population(self, frame, measurements, parameter_rows, obs, observables,
+                   distribution) -> dict[str, list[int]]:
+        """The population extension: measurement rows by `individualId` (empty without
+        the extension), after checking that the tables use it consistently."""
+        column = frame.get("individualId")
+        distributions = "populationDistribution" in self.parameters.frame.columns
+        if column is None:
+            if distributions:
+                self.issues.append(measurements.issue(
+                    "the parameter table has a populationDistribution column, so each "
+                    "measurement needs an individualId column naming its individual"))
+            return {}
+        if not distributions:
+            self.issues.append(self.parameters.issue(
+                "the measurement table names individuals (individualId), so the parameter "
+                "table needs a populationDistribution column (normal, logNormal, "
+                "individual or fixed per estimated parameter)"))
+            return {}
+        rows: dict[str, list[int]] = {}
+        for i, individual in enumerate(column):
+            if _is_missing(individual):
+                self.issues.append(measurements.issue(
+                    "individualId is empty; every measurement belongs to an individual", i,
+                    "individualId"))
+            else:
+                rows.setdefault(individual, []).append(i)
+        estimated = [r for r in parameter_rows if r["estimate"]]
+        if not any(r["population"] and r["population"].role in ("random", "individual")
+                   for r in estimated):
+            self.issues.append(self.parameters.issue(
+                "no estimated parameter is normal, logNormal or individual: the population "
+                "extension needs at least one", None, "populationDistribution"))
+        for r in estimated:
+            if r["prior"] is not None:
+                self.issues.append(self.parameters.issue(
+                    "objective priors are not supported with the population extension (the "
+                    "population distribution is the prior of individual parameters)",
+                    r["row"], "objectivePriorType"))
+        used = set(frame["observableId"])
+        for i, oid in enumerate(obs["observableId"]):
+            if oid in used and distribution[oid] == DISTRIBUTIONS.index("laplace"):
+                self.issues.append(observables.issue(
+                    "Laplace noise is not supported with the population extension (its "
+                    "inner fits are least squares); use normal noise", i,
+                    "noiseDistribution"))
+        return rows
 
     def formula_symbols(self, symbolic, parameter_ids, observable_ids):
         local: dict[str, Any] = dict(symbolic.symbols)

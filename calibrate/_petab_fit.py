@@ -82,7 +82,7 @@ def reflect(u, lower, upper):
 
 
 def _least_squares_applies(problem: PEtabProblem) -> bool:
-    return bool(np.all(np.asarray(problem.measurement_distribution) == 0)
+    return bool(np.all(np.asarray(problem.measurements.distribution) == 0)
                 and np.all(np.asarray(problem.prior_type) < 0))
 
 

@@ -61,8 +61,16 @@ from ._hypergrad import (
 )
 from ._model import AbstractODEModel
 from ._objective import Objective
-from ._parameters import ParameterError
+from ._parameters import ParameterError, ParameterSpace
 from ._penalty import L2, AbstractPenalty
+from ._petab import PEtabProblem
+from ._petab_population import (
+    PEtabLikelihood,
+    population_roles,
+    population_space,
+    population_start_sd,
+    require_population,
+)
 from ._results import result_name
 from ._sensitivity import AbstractSensitivity, ForwardMode, nested_mode
 from ._simulate import Integrator
@@ -206,14 +214,11 @@ def holdout_split(
 class PopulationProblem(eqx.Module):
     """Maps $(u_i, \\theta)$ to an individual's parameters, inner loss and outer loss."""
 
-    objective: Objective
+    objective: Objective | PEtabLikelihood
+    space: ParameterSpace = eqx.field(static=True)
     hierarchy: Hierarchy
     outer: AbstractPopulationObjective
     constants: dict[str, Float[Array, ""]]
-
-    @property
-    def space(self):
-        return self.objective.model.parameter_space
 
     @property
     def n_random(self) -> int:
@@ -582,6 +587,7 @@ class PopulationSetup(eqx.Module):
     theta: dict
     starts: Float[Array, "N n_u"]
     n_observations: int = eqx.field(static=True)
+    individuals: tuple[str, ...] = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True, default=None)
 
     def evaluate(self, method: AbstractHypergradient, theta, starts) -> _Evaluation:
@@ -601,17 +607,17 @@ class PopulationSetup(eqx.Module):
 
 
 def population_setup(
-    model: AbstractODEModel,
-    data: Dataset,
+    model: AbstractODEModel | PEtabProblem,
+    data: Dataset | None = None,
     *,
-    hierarchy: Hierarchy,
+    hierarchy: Hierarchy | None = None,
     objective: AbstractPopulationObjective = Laplace(),
     start: Mapping[str, float] | None = None,
-    start_sd: float | Mapping[str, float] = 0.3,
+    start_sd: float | Mapping[str, float] | None = None,
     start_strength: float = 1.0,
     constants: Mapping[str, float] | None = None,
     sensitivity: AbstractSensitivity = ForwardMode(),
-    integrator: Integrator = Integrator(),
+    integrator: Integrator | None = None,
     inner_solver: optx.AbstractLeastSquaresSolver | optx.AbstractMinimiser = (
         optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
     ),
@@ -623,7 +629,30 @@ def population_setup(
     reason = objective.missing(sensitivity)
     if reason is not None:
         raise ValueError(f"{reason}. Use ForwardMode or DirectDifferentiation.")
-    space = model.parameter_space
+    if isinstance(model, PEtabProblem):
+        require_population(model)
+        if data is not None:
+            raise ValueError("a PEtab problem carries its own data; pass data=None")
+        petab = eqx.tree_at(lambda p: p.sensitivity, model, sensitivity)
+        if integrator is not None:
+            petab = eqx.tree_at(lambda p: p.integrator, petab, integrator)
+        likelihood = PEtabLikelihood(petab)
+        space = population_space(model)
+        if hierarchy is None:
+            hierarchy = Hierarchy(**population_roles(model))
+        start_sd = population_start_sd(model) if start_sd is None else start_sd
+        measurements, inputs = model.individual_measurements, None
+        n_states, n = len(model.model.states), len(model.individual_ids)
+    else:
+        if data is None or hierarchy is None:
+            raise TypeError("calibrate_population(model, data, hierarchy=...) needs the "
+                            "data and the hierarchy of an ODE model")
+        likelihood = Objective(model, integrator=integrator or Integrator(),
+                               sensitivity=sensitivity)
+        space = model.parameter_space
+        measurements, inputs = data.measurements, data.batched_inputs(model)
+        n_states, n = len(model.states), len(data)
+    start_sd = 0.3 if start_sd is None else start_sd
     roles = [*hierarchy.random, *hierarchy.fixed, *hierarchy.individual]
     for name in roles:
         space[name]  # raises ParameterError naming an unknown parameter
@@ -633,8 +662,7 @@ def population_setup(
         )
     start_values = space.complete({**(constants or {}), **(start or {})})
     constant_values = {n: v for n, v in start_values.items() if n not in roles}
-    obj = Objective(model, integrator=integrator, sensitivity=sensitivity)
-    problem = PopulationProblem(obj, hierarchy, objective, constant_values)
+    problem = PopulationProblem(likelihood, space, hierarchy, objective, constant_values)
 
     k = len(hierarchy.random)
     sd = np.array([
@@ -652,13 +680,10 @@ def population_setup(
     if hierarchy.penalty is not None:
         theta["strength"] = jnp.asarray(math.log(start_strength))
 
-    n = len(data)
-    measurements = data.measurements
     if isinstance(objective, ValidationLoss):
         train, held_out = holdout_split(measurements, objective.fraction, objective.seed)
     else:
         train, held_out = measurements, None
-    inputs = data.batched_inputs(model)
     individual_start = (
         jnp.stack([space[name].to_unconstrained(start_values[name])
                    for name in hierarchy.individual])
@@ -667,8 +692,8 @@ def population_setup(
     u0 = jnp.concatenate([jnp.zeros(k), individual_start])
     if chunk_size is None:
         n_u = int(u0.size)
-        rows = int(np.prod(train.values.shape[1:])) * 2 + n_u
-        chunk_size = default_chunk_size(n, *fit_kernel_flops(len(model.states), rows, n_u))
+        rows = int(np.prod(train.mask.shape[1:])) * 2 + n_u
+        chunk_size = default_chunk_size(n, *fit_kernel_flops(n_states, rows, n_u))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return PopulationSetup(
@@ -678,23 +703,24 @@ def population_setup(
         theta=theta,
         starts=jnp.broadcast_to(u0, (n, u0.size)),
         n_observations=int(np.sum(np.asarray(train.mask))),
+        individuals=tuple(model.individual_ids if data is None else data.individuals),
         chunk_size=chunk_size,
     )
 
 
 def calibrate_population(
-    model: AbstractODEModel,
-    data: Dataset,
+    model: AbstractODEModel | PEtabProblem,
+    data: Dataset | None = None,
     *,
-    hierarchy: Hierarchy,
+    hierarchy: Hierarchy | None = None,
     objective: AbstractPopulationObjective = Laplace(),
     start: Mapping[str, float] | None = None,
-    start_sd: float | Mapping[str, float] = 0.3,
+    start_sd: float | Mapping[str, float] | None = None,
     start_strength: float = 1.0,
     constants: Mapping[str, float] | None = None,
     hypergradient: AbstractHypergradient = Implicit(curvature=ForwardHessian()),
     sensitivity: AbstractSensitivity = ForwardMode(),
-    integrator: Integrator = Integrator(),
+    integrator: Integrator | None = None,
     inner_solver: optx.AbstractLeastSquaresSolver | optx.AbstractMinimiser = (
         optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
     ),
@@ -711,15 +737,18 @@ def calibrate_population(
 
     **Arguments:**
 
-    - `model`, `data`: the ODE model and a `Dataset` of N individuals.
+    - `model`, `data`: the ODE model and a `Dataset` of N individuals; or a
+      `PEtabProblem` with the population extension (`calibrate._petab_population`)
+      and no `data`: its tables give the individuals, the hierarchy and the starts.
     - `hierarchy`: the role of each parameter (`Hierarchy(random=..., fixed=..., ...)`).
     - `objective`: `Laplace()` (default) or `ValidationLoss(fraction)`.
     - `start`: natural-scale start values of fixed effects and population means
       (default: parameter defaults); `start_sd`: start standard deviation(s) of the
-      random effects on their scale; `start_strength`: start penalty strength.
+      random effects on their scale (default 0.3); `start_strength`: start penalty strength.
     - `constants`: values of the parameters with no role (default: their defaults).
     - `hypergradient`: outer-gradient strategy, checked against `sensitivity` now.
-    - `sensitivity`, `integrator`: derivatives and ODE solves of the inner problem.
+    - `sensitivity`, `integrator`: derivatives and ODE solves of the inner problem
+      (`integrator=None`: `Integrator()`, or the PEtab problem's own).
     - `inner_solver`, `inner_max_steps`: the per-individual MAP fit. Warm-started fits
       need few steps; a trust-region solver started at its own optimum rejects every
       step (the loss only changes by round-off) and runs to `max_steps`, so this limit
@@ -774,8 +803,8 @@ def calibrate_population(
     covariance = np.full((flat_theta.size, flat_theta.size), np.nan)
     if standard_errors:
         covariance = _outer_covariance(evaluate, theta, h.inner_solution)
-    return _result(setup.problem, data, theta, covariance, final, h, history, steps,
-                   converged, setup.n_observations)
+    return _result(setup.problem, setup.individuals, theta, covariance, final, h,
+                   history, steps, converged, setup.n_observations)
 
 
 def _outer_covariance(evaluate, theta, starts) -> np.ndarray:
@@ -803,7 +832,7 @@ def _delta_se(fn, value, se):
     return abs(derivative) * se
 
 
-def _result(problem, data, theta, covariance, final, h, history, steps, converged,
+def _result(problem, individuals, theta, covariance, final, h, history, steps, converged,
             n_observations) -> PopulationResult:
     hierarchy = problem.hierarchy
     space = problem.space
@@ -853,7 +882,7 @@ def _result(problem, data, theta, covariance, final, h, history, steps, converge
 
     u = np.asarray(h.inner_solution)
     params = jax.vmap(problem.params, in_axes=(0, None))(jnp.asarray(u), theta)
-    individual = pd.DataFrame({"individual": list(data.individuals)})
+    individual = pd.DataFrame({"individual": list(individuals)})
     for name in [*hierarchy.random, *hierarchy.fixed, *hierarchy.individual]:
         individual[name] = np.asarray(params[name])
     individual["stationarity"] = np.asarray(h.stationarity)

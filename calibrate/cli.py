@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import typer
@@ -592,7 +593,8 @@ def fit(
         help=f"Absolute tolerance of the ODE solver (default {_DEFAULTS.atol:g}).",
         show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="With a hierarchical PROBLEM.toml: continue an interrupted "
+        "--resume", help="With a hierarchical PROBLEM.toml or a PEtab population: "
+        "continue an interrupted "
         "fit from DIR/checkpoint.bin (written every [population] checkpoint_every "
         "outer steps); the result is the one the uninterrupted run gives.")] = False,
 ):
@@ -604,6 +606,11 @@ def fit(
     status, best first), DIR/estimates.json (the best parameters on
     linear and PEtab scales, settings, versions) and DIR/simulations.tsv
     (the measurement table with a `simulation` column at the best fit).
+    A PEtab problem with the population extension (an individualId
+    column and populationDistribution in the parameter table) runs the
+    population calibrator instead (--max-steps outer steps, default
+    100; --resume continues it) and writes the population outputs
+    below, with simulations.tsv in place of predictions.csv.
 
     With PROBLEM.toml (see `calibrate check`): a hierarchical problem
     runs the population calibrator and writes DIR/population.csv and
@@ -627,15 +634,13 @@ def fit(
         if data is not None:
             raise CLIError(f"{model} is a PEtab problem: it names its data itself; "
                            f"drop {data}")
-        if estimate is not None or fix is not None or resume:
-            raise CLIError("--estimate, --fix and --resume do not apply to PEtab problems; "
+        if estimate is not None or fix is not None:
+            raise CLIError("--estimate and --fix do not apply to PEtab problems; "
                            "set `estimate` in the parameter table")
         return fit_petab_problem(
-            Path(model.strip()), out, starts=16 if starts is None else starts,
-            seed=0 if seed is None else seed,
-            max_steps=500 if max_steps is None else max_steps,
+            Path(model.strip()), out, starts=starts, seed=seed, max_steps=max_steps,
             rtol=_DEFAULTS.rtol if rtol is None else rtol,
-            atol=_DEFAULTS.atol if atol is None else atol,
+            atol=_DEFAULTS.atol if atol is None else atol, resume=resume,
         )
     if model.strip().lower().endswith(".toml"):
         given = [f"--{name.replace('_', '-')}" for name, value in (
@@ -826,13 +831,14 @@ def _population_table(result: cal.PopulationResult, model_name: str) -> Table:
     return table
 
 
-def _population_report(problem: cal.Problem, result: cal.PopulationResult) -> dict:
+def _population_report(result: cal.PopulationResult, model_name: str,
+                       objective_kind: str) -> dict:
     h = result.hypergradients
     return {
-        "model": problem.model.name,
+        "model": model_name,
         "population": result.population.to_dict(orient="records"),
         "objective": result.objective,
-        "objective_kind": problem.settings["population"]["objective"],
+        "objective_kind": objective_kind,
         "minus_two_log_likelihood": result.minus_two_log_likelihood,
         "aic": result.aic,
         "bic": result.bic,
@@ -902,6 +908,78 @@ def _figures_and_report(problem: cal.Problem, out: Path, predictions: pd.DataFra
 CHECKPOINT = "checkpoint.bin"
 
 
+def _run_population(model, data, arguments, n: int, max_steps: int,
+                    checkpoint: cal.Checkpoint, resume: bool,
+                    done: int) -> cal.PopulationResult:
+    """`calibrate_population` with a progress bar; Ctrl-C exits with status 130 and
+    says where the checkpoint is."""
+    with _progress() as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.HypergradientWarning)
+        task = progress.add_task(
+            f"compiling, then resuming after outer step {done}" if resume else
+            f"compiling, then fitting {n} individuals from the start values",
+            total=max_steps, completed=done)
+
+        def callback(step, theta, value, hypergradients):
+            stationary = int(np.sum(np.asarray(hypergradients.stationary)))
+            failed = int(np.sum(~np.isfinite(np.asarray(hypergradients.outer_loss))))
+            progress.update(task, completed=step, description=(
+                f"outer step {step}: objective {value:.6g}, {stationary}/{n} inner fits "
+                f"stationary" + (f", {failed} failed solves" if failed else "")))
+
+        try:
+            result = cal.calibrate_population(
+                model, data, callback=callback, checkpoint=checkpoint, resume=resume,
+                **arguments)
+        except KeyboardInterrupt:
+            progress.stop()
+            saved = (f"the checkpoint after outer step {checkpoint.meta()['step']} is in "
+                     f"{checkpoint.path}; continue with --resume"
+                     if checkpoint.path.exists() else "no checkpoint was written yet")
+            _stderr().print(f"interrupted: {saved}", markup=False)
+            raise typer.Exit(130) from None
+        progress.update(task, total=result.outer_steps, completed=result.outer_steps,
+                        description=f"done after {result.outer_steps} outer steps "
+                        f"({'converged' if result.converged else 'not converged'})")
+    return result
+
+
+def _population_warnings(result: cal.PopulationResult,
+                         diagnostics: pd.DataFrame) -> list[str]:
+    problems = []
+    if not result.converged:
+        problems.append("the outer optimisation did not converge in "
+                        f"{result.outer_steps} steps; see history.csv")
+    for row in diagnostics[~diagnostics["stationary"]].itertuples(index=False):
+        problems.append(f"{row.individual}: inner fit not stationary "
+                        f"({row.stationarity:.2g} > {row.stationarity_bound:.2g}, "
+                        f"{row.status}); its hypergradient is unreliable")
+    return problems
+
+
+def _objective_summary(result: cal.PopulationResult) -> str:
+    return (f"-2 log L {result.minus_two_log_likelihood:.6g}, AIC {result.aic:.6g}, "
+            f"BIC {result.bic:.6g}" if result.aic is not None
+            else f"validation loss {result.objective:.6g}")
+
+
+def _individuals_with_eta(result: cal.PopulationResult, random) -> pd.DataFrame:
+    individuals = result.individual.copy()
+    for j, name in enumerate(random):
+        individuals[f"eta_{name}"] = result.eta[:, j]
+    return individuals
+
+
+def _print_population_result(result, model_name, problems, objective, written, out):
+    _stdout().print(_population_table(result, model_name))
+    console = _stderr()
+    for text in problems:
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(text, markup=False)
+    console.print(f"{objective}; wrote {', '.join(p.name for p in written)} to {out}",
+                  markup=False)
+
+
 def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
     """`calibrate fit PROBLEM.toml --out DIR [--resume]`."""
     problem = cal.load_problem(path)
@@ -925,63 +1003,27 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
     arguments = problem.population_arguments()
     max_steps = problem.settings["population"]["max_steps"]
     n = len(problem.data)
-    with _progress() as progress, warnings.catch_warnings():
-        warnings.simplefilter("ignore", cal.HypergradientWarning)
-        task = progress.add_task(
-            f"compiling, then resuming after outer step {done}" if resume else
-            f"compiling, then fitting {n} individuals from the start values",
-            total=max_steps, completed=done)
-
-        def callback(step, theta, value, hypergradients):
-            stationary = int(np.sum(np.asarray(hypergradients.stationary)))
-            failed = int(np.sum(~np.isfinite(np.asarray(hypergradients.outer_loss))))
-            progress.update(task, completed=step, description=(
-                f"outer step {step}: objective {value:.6g}, {stationary}/{n} inner fits "
-                f"stationary" + (f", {failed} failed solves" if failed else "")))
-
-        try:
-            result = cal.calibrate_population(
-                problem.model, problem.data, callback=callback, checkpoint=checkpoint,
-                resume=resume, **arguments)
-        except KeyboardInterrupt:
-            progress.stop()
-            saved = (f"the checkpoint after outer step {checkpoint.meta()['step']} is in "
-                     f"{checkpoint.path}; continue with --resume"
-                     if checkpoint.path.exists() else "no checkpoint was written yet")
-            _stderr().print(f"interrupted: {saved}", markup=False)
-            raise typer.Exit(130) from None
-        progress.update(task, total=result.outer_steps, completed=result.outer_steps,
-                        description=f"done after {result.outer_steps} outer steps "
-                        f"({'converged' if result.converged else 'not converged'})")
+    result = _run_population(problem.model, problem.data, arguments, n, max_steps,
+                             checkpoint, resume, done)
     estimates = dict(problem.start)
     for name in result.individual.columns:
         if name in estimates:
             estimates[name] = result.individual[name].to_numpy()
     predictions = cal.predictions_frame(problem.model, problem.data, estimates,
                                         integrator=problem.integrator)
-    individuals = result.individual.copy()
-    for j, name in enumerate(arguments["hierarchy"].random):
-        individuals[f"eta_{name}"] = result.eta[:, j]
+    individuals = _individuals_with_eta(result, arguments["hierarchy"].random)
     diagnostics = _diagnostics_frame(result, problem.data.individuals)
     written = [
         write_csv_atomic(out / "population.csv", result.population),
-        write_json_atomic(out / "population.json", _population_report(problem, result)),
+        write_json_atomic(out / "population.json", _population_report(
+            result, problem.model.name, problem.settings["population"]["objective"])),
         write_csv_atomic(out / "individuals.csv", individuals),
         write_csv_atomic(out / "predictions.csv", predictions),
         write_csv_atomic(out / "diagnostics.csv", diagnostics),
         write_csv_atomic(out / "history.csv", result.history),
     ]
-    problems = []
-    if not result.converged:
-        problems.append("the outer optimisation did not converge in "
-                        f"{result.outer_steps} steps; see history.csv")
-    for row in diagnostics[~diagnostics["stationary"]].itertuples(index=False):
-        problems.append(f"{row.individual}: inner fit not stationary "
-                        f"({row.stationarity:.2g} > {row.stationarity_bound:.2g}, "
-                        f"{row.status}); its hypergradient is unreliable")
-    objective = (f"-2 log L {result.minus_two_log_likelihood:.6g}, AIC {result.aic:.6g}, "
-                 f"BIC {result.bic:.6g}" if result.aic is not None
-                 else f"validation loss {result.objective:.6g}")
+    problems = _population_warnings(result, diagnostics)
+    objective = _objective_summary(result)
     names = [*arguments["hierarchy"].random, *arguments["hierarchy"].individual]
     summary = [
         f"Model {problem.model.name}, {n} individuals, "
@@ -1001,14 +1043,7 @@ def fit_problem(path: Path, out: Path, resume: bool = False) -> None:
         problem, started, outputs=[p.name for p in written], resumed=resume)))
     # Every result is written: a later --resume would only repeat the last step.
     checkpoint.path.unlink(missing_ok=True)
-    stdout = _stdout()
-    stdout.print(_population_table(result, problem.model.name))
-    console = _stderr()
-    for text in problems:
-        console.print("[yellow]warning:[/] ", end="")
-        console.print(text, markup=False)
-    console.print(f"{objective}; wrote {', '.join(p.name for p in written)} to {out}",
-                  markup=False)
+    _print_population_result(result, problem.model.name, problems, objective, written, out)
 
 
 def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
@@ -1062,35 +1097,59 @@ def check_petab(path: Path) -> None:
     problem = cal.load_petab(path)
     stdout = _stdout()
     pre = int(np.sum(np.asarray(problem.preequilibration) >= 0))
+    population = (f"; population extension: {len(problem.individual_ids)} individuals"
+                  if problem.is_population else "")
     stdout.print(
         f"{path}: valid PEtab problem; model {problem.model.name} with "
         f"{len(problem.model.states)} states, {len(problem.condition_ids)} simulation "
         f"condition(s) ({pre} pre-equilibrated), {len(problem.observable_ids)} "
         f"observable(s), {problem.n_measurements} measurements, "
         f"{len(problem.estimated_ids)} of {len(problem.parameter_ids)} parameters "
-        "estimated", markup=False)
+        f"estimated{population}", markup=False)
     table = Table(title="estimated parameters")
-    for column in ("parameter", "scale", "lower", "upper", "nominal"):
+    columns = ["parameter", "scale", "lower", "upper", "nominal"]
+    roles = {r.parameter: r for r in problem.population_roles}
+    if roles:
+        columns += ["population", "start sd"]
+    for column in columns:
         table.add_column(column)
     space = problem.parameter_space
     for name in problem.estimated_ids:
         p = space[name]
-        table.add_row(escape(name), p.scale, f"{p.lower:g}", f"{p.upper:g}",
-                      f"{p.default:.6g}")
+        cells = [escape(name), p.scale, f"{p.lower:g}", f"{p.upper:g}", f"{p.default:.6g}"]
+        if roles:
+            role = roles[name]
+            cells += [role.distribution or role.role,
+                      "" if role.sd is None else f"{role.sd:g}"]
+        table.add_row(*cells)
     stdout.print(table)
 
 
-def fit_petab_problem(path: Path, out: Path, *, starts: int, seed: int, max_steps: int,
-                      rtol: float, atol: float) -> None:
-    """`calibrate fit PROBLEM.yaml`: multistart fit, tables and a record."""
+def fit_petab_problem(path: Path, out: Path, *, starts: int | None, seed: int | None,
+                      max_steps: int | None, rtol: float, atol: float,
+                      resume: bool = False) -> None:
+    """`calibrate fit PROBLEM.yaml`: multistart fit (or, with the population extension,
+    the population calibrator), tables and a record."""
     _check_tolerances(rtol, atol)
-    if starts < 1:
-        raise CLIError("--starts: a PEtab fit needs at least one start")
     started = datetime.now(UTC)
     integrator = cal.Integrator(rtol=rtol, atol=atol)
     problem = cal.load_petab(path, integrator=integrator)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
+    if problem.is_population:
+        if starts is not None or seed is not None:
+            raise CLIError("--starts and --seed do not apply to a PEtab population: its "
+                           "fit starts from the parameter table's nominal values")
+        return _fit_petab_population(path, problem, out, resume=resume, started=started,
+                                     max_steps=100 if max_steps is None else max_steps)
+    if resume:
+        raise CLIError("--resume: only a population (hierarchical) fit has an outer loop "
+                       "to resume")
+    starts = 16 if starts is None else starts
+    seed = 0 if seed is None else seed
+    max_steps = 500 if max_steps is None else max_steps
+    if starts < 1:
+        raise CLIError("--starts: a PEtab fit needs at least one start")
     out.mkdir(parents=True, exist_ok=True)
     message = (f"fitting {path.name} from {starts} starts (compiling first, which takes a "
                "while)")
@@ -1102,10 +1161,8 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int, seed: int, max_step
     theta = np.asarray(problem.theta(result.best_x))
     linear = {pid: float(theta[problem.parameter_ids.index(pid)])
               for pid in problem.estimated_ids}
-    y_pred, _, _ = _petab_predictions(problem, result.best_x)
-    simulations = measurement_table(path)
-    simulations = simulations.rename(columns={"measurement": "simulation"})
-    simulations["simulation"] = np.asarray(y_pred)
+    y_pred, sigma, _ = _petab_predictions(problem, result.best_x)
+    simulations, _ = _petab_simulations(path, y_pred, sigma, problem.measurements.row)
     converged = int(np.sum(np.asarray(result.result) == cal.RESULTS.successful._value))
     within = result.n_within(1e-3)
     settings = {"starts": starts, "seed": seed, "max_steps": max_steps,
@@ -1116,8 +1173,7 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int, seed: int, max_step
                 "sensitivity": "ForwardMode"}
     record = {
         "problem": str(path),
-        "files": {role: [{"path": str(f), "sha256": _sha256(f)} for f in files]
-                  for role, files in problem_files(path).items()},
+        "files": _petab_files(path),
         "objective": result.best_objective,
         "estimates": linear,
         "estimates_scaled": dict(zip(problem.estimated_ids, map(float, best), strict=True)),
@@ -1149,6 +1205,121 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int, seed: int, max_step
         f"{converged} of {starts} starts converged, {within} within 1e-3 of the best; "
         f"{result.wall_seconds:.1f} s ({result.compile_seconds:.1f} s compiling); wrote "
         f"{', '.join(p.name for p in written)} to {out}", markup=False)
+
+
+def _petab_files(path: Path) -> dict[str, list[dict[str, str]]]:
+    return {role: [{"path": str(f), "sha256": _sha256(f)} for f in files]
+            for role, files in problem_files(path).items()}
+
+
+def _petab_simulations(path: Path, y_pred, sigma, rows) -> pd.DataFrame:
+    """The measurement table with `simulation` (and `sigma`) columns: PEtab's
+    simulation table; `rows` says which measurement each prediction belongs to."""
+    frame = measurement_table(path)
+    simulation = np.full(len(frame), np.nan)
+    noise = np.full(len(frame), np.nan)
+    rows = np.asarray(rows).ravel()
+    keep = rows >= 0
+    simulation[rows[keep]] = np.asarray(y_pred).ravel()[keep]
+    noise[rows[keep]] = np.asarray(sigma).ravel()[keep]
+    frame = frame.rename(columns={"measurement": "simulation"})
+    frame["simulation"] = simulation
+    return frame, noise
+
+
+@eqx.filter_jit
+def _petab_individual_predictions(likelihood, params):
+    problem = likelihood.problem
+    thetas = jax.vmap(likelihood.theta)(params)
+    return jax.vmap(problem.predict)(thetas, problem.individual_measurements)
+
+
+def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
+                          resume: bool, started, max_steps: int) -> None:
+    """`calibrate fit PROBLEM.yaml` for a problem with the population extension."""
+    files = _petab_files(path)
+    digest = hashlib.sha256(cal.__version__.encode())
+    for role in sorted(files):
+        for entry in files[role]:
+            digest.update(f"{role}\0{entry['sha256']}".encode())
+    digest.update(f"max_steps={max_steps};{problem.integrator}".encode())
+    checkpoint = cal.Checkpoint(out / CHECKPOINT, every=1, fingerprint=digest.hexdigest())
+    done = checkpoint.meta()["step"] if resume else 0
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(problem.individual_ids)
+    hierarchy = cal.Hierarchy(**cal.petab_population_roles(problem))
+    result = _run_population(problem, None, {"outer": cal.QuasiNewton(max_steps=max_steps)},
+                             n, max_steps, checkpoint, resume, done)
+    params = {name: jnp.asarray(result.individual[name].to_numpy(float))
+              for name in problem.estimated_ids}
+    y_pred, sigma, _ = _petab_individual_predictions(cal.PEtabLikelihood(problem), params)
+    simulations, noise = _petab_simulations(path, y_pred, sigma,
+                                            problem.individual_measurements.row)
+    measured = measurement_table(path)["measurement"].astype(float).to_numpy()
+    predictions = pd.DataFrame({
+        "individual": simulations["individualId"], "observable": simulations["observableId"],
+        "time": simulations["time"].astype(float), "observed": measured,
+        "predicted": simulations["simulation"],
+        "weighted_residual": (measured - simulations["simulation"]) / noise})
+    individuals = _individuals_with_eta(result, hierarchy.random)
+    diagnostics = _diagnostics_frame(result, problem.individual_ids)
+    written = [
+        write_csv_atomic(out / "population.csv", result.population),
+        write_json_atomic(out / "population.json", _population_report(
+            result, problem.model.name, "laplace")),
+        write_csv_atomic(out / "individuals.csv", individuals),
+        write_csv_atomic(out / "simulations.tsv", simulations, sep="\t"),
+        write_csv_atomic(out / "diagnostics.csv", diagnostics),
+        write_csv_atomic(out / "history.csv", result.history),
+    ]
+    problems = _population_warnings(result, diagnostics)
+    objective = _objective_summary(result)
+    space = cal.petab_population_space(problem)
+    names = [*hierarchy.random, *hierarchy.individual]
+    figures = [
+        ("Observed against predicted",
+         report.plot_observed_vs_predicted(predictions, out / "observed_vs_predicted.png")),
+        ("Residuals (on the linear scale)",
+         report.plot_residuals(predictions, out / "residuals.png")),
+        ("Outer convergence", report.plot_convergence(result.history,
+                                                      out / "convergence.png")),
+        ("Parameter distributions", report.plot_parameter_distributions(
+            result.individual, names, {name: space[name].scale for name in names},
+            out / "parameters.png", result.population)),
+    ]
+    summary = [
+        f"PEtab problem {path.name}: model {problem.model.name}, {n} individuals, "
+        f"{problem.n_measurements} measurements",
+        f"Outer objective laplace: {objective}",
+        f"{'Converged' if result.converged else 'Not converged'} after "
+        f"{result.outer_steps} outer steps; "
+        f"{int(diagnostics['stationary'].sum())} of {n} inner fits stationary",
+    ]
+    written += [path for _, path in figures]
+    written.append(report.write_html_report(
+        out / "report.html", title=f"calibrate: {problem.model.name} ({path.name})",
+        summary=summary, figures=figures, warnings=problems,
+        tables=[("Population estimates",
+                 result.population[result.population.kind != "mean_scaled"]),
+                ("Individuals", individuals), ("Diagnostics", diagnostics)],
+        run={"problem": path, "calibrate": cal.__version__, "jax": jax.__version__}))
+    finished = datetime.now(UTC)
+    written.append(write_json_atomic(out / "run.json", {
+        "command": ["calibrate", *sys.argv[1:]], "problem": str(path), "files": files,
+        "roles": {r.parameter: r.role if r.role != "random" else r.distribution
+                  for r in problem.population_roles},
+        "settings": {"outer": f"QuasiNewton(max_steps={max_steps})",
+                     "objective": "laplace", "integrator": {
+                         "solver": "Kvaerno5 (chord Newton)",
+                         "rtol": problem.integrator.rtol, "atol": problem.integrator.atol,
+                         "max_steps": problem.integrator.max_steps},
+                     "sensitivity": "ForwardMode"},
+        "outputs": [p.name for p in written], "resumed": resume,
+        "versions": _versions(), "devices": [str(d) for d in jax.devices()],
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round((finished - started).total_seconds(), 3)}))
+    checkpoint.path.unlink(missing_ok=True)
+    _print_population_result(result, problem.model.name, problems, objective, written, out)
 
 
 def _enable_compilation_cache() -> None:

@@ -226,7 +226,7 @@ def test_fit_petab_problem_reaches_the_reference_optimum(tmp_path):
     y_pred, sigma, _ = eqx.filter_jit(lambda p, x: p.predictions(x))(
         problem, jnp.asarray([record["estimates_scaled"][n] for n in problem.estimated_ids]))
     np.testing.assert_allclose(simulations["simulation"], y_pred, rtol=1e-6)
-    y = np.asarray(problem.measurement_value)
+    y = np.asarray(problem.measurements.value)
     nllh = np.sum(0.5 * np.log(2 * np.pi * np.asarray(sigma) ** 2)
                   + 0.5 * ((y - simulations["simulation"]) / np.asarray(sigma)) ** 2)
     np.testing.assert_allclose(nllh, record["objective"], rtol=1e-6)
