@@ -414,6 +414,25 @@ class AbstractOuterOptimiser(eqx.Module):
         `starts` are the checkpoint's and the optimiser continues from its state."""
 
 
+# Module-level, so that every run (new data of the same shapes, a resumed fit) reuses
+# the compiled BFGS step instead of tracing a fresh closure.
+@eqx.filter_jit
+def _bfgs_step(solver, theta, state, evaluation):
+    return solver.step(_precomputed, theta, evaluation, {}, state, frozenset())
+
+
+@eqx.filter_jit
+def _bfgs_terminate(solver, theta, state, evaluation):
+    return solver.terminate(_precomputed, theta, evaluation, {}, state, frozenset())
+
+
+@eqx.filter_jit
+def _bfgs_decrement(state):
+    gradient = ravel_pytree(state.f_info.grad)[0]
+    return 0.5 * jnp.vdot(gradient,
+                          ravel_pytree(state.f_info.hessian_inv.mv(state.f_info.grad))[0])
+
+
 class QuasiNewton(AbstractOuterOptimiser):
     r"""optimistix BFGS (with its backtracking line search) on the outer objective.
 
@@ -453,22 +472,10 @@ class QuasiNewton(AbstractOuterOptimiser):
         f_struct, aux_struct = jax.eval_shape(_precomputed, theta, evaluation)
         state = solver.init(_precomputed, theta, evaluation, options, f_struct, aux_struct,
                             tags)
-        step = eqx.filter_jit(
-            lambda theta, state, evaluation: solver.step(
-                _precomputed, theta, evaluation, options, state, tags
-            )
-        )
-        terminate = eqx.filter_jit(
-            lambda theta, state, evaluation: solver.terminate(
-                _precomputed, theta, evaluation, options, state, tags
-            )
-        )
-        decrement = eqx.filter_jit(
-            lambda state: 0.5 * jnp.vdot(
-                ravel_pytree(state.f_info.grad)[0],
-                ravel_pytree(state.f_info.hessian_inv.mv(state.f_info.grad))[0],
-            )
-        )
+        step = lambda theta, state, evaluation: _bfgs_step(solver, theta, state, evaluation)
+        terminate = lambda theta, state, evaluation: _bfgs_terminate(solver, theta, state,
+                                                                      evaluation)
+        decrement = _bfgs_decrement
         if resume:
             state = checkpoint.optimiser_state(state)
         size = ravel_pytree(theta)[0].size

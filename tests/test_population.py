@@ -298,3 +298,31 @@ def test_cascade_hypergradient_agrees_with_finite_differences_and_unrolled():
     unrolled = setup.evaluate(cal.Unrolled(heavy_ball, steps=60),
                               theta, setup.starts)
     assert relative_error(gradient, flat(unrolled.gradient)) < 1e-4
+
+
+def test_new_data_of_the_same_shape_compiles_nothing():
+    """After one calibration, another with new data of the same shapes (and all its
+    outer steps) lowers no function to XLA: every compiled function is reused."""
+    shared_q_result()
+    eta = TRUE_SD * np.random.default_rng(5).normal(size=N)
+    params = [{"p": 1.5 * float(np.exp(e)), "q": TRUE_Q} for e in eta]
+    data = cal.synthetic_dataset(MODEL, params, TIMES, key=jax.random.key(6))
+    lowered = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    steps = []
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = cal.calibrate_population(
+            MODEL, data, hierarchy=SHARED_Q, start=START, integrator=INTEGRATOR,
+            outer=cal.QuasiNewton(max_steps=4),
+            callback=lambda step, *_: steps.append((step, len(lowered))))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    assert lowered == [], f"{len(lowered)} functions lowered: recompiled"
+    # The run did real work on the new data.
+    assert np.isfinite(result.objective) and result.objective != shared_q_result().objective
