@@ -199,6 +199,8 @@ class PEtabProblem(eqx.Module):
     condition_initial_set: Array  # (C, S) bool
     initial_divide_by: Int[Array, " S"]  # parameter index of the compartment, or -1
     preequilibration: Int[Array, " C"]  # condition index of the pre-condition or -1
+    preequilibration_conditions: Int[Array, " Q"]  # the distinct pre-conditions
+    preequilibration_slot: Int[Array, " C"]  # index into those, or -1
     times: Float[Array, "C T"]
     steady_state_measured: Array | None  # (C,) bool; None: no time-inf measurements
 
@@ -264,20 +266,31 @@ class PEtabProblem(eqx.Module):
                             integrator=self.integrator, sensitivity=self.sensitivity,
                             rtol=rtol, atol=atol)
 
-    def simulate_condition(self, theta, condition):
-        """States of one simulation condition at its measurement times, and the result."""
+    def preequilibrate(self, theta):
+        """Steady states (and results) of every pre-equilibration condition, each
+        computed once however many simulation conditions start from it."""
+        def one(pre):
+            params, values = self._condition_params(theta, pre)
+            return self._steady_state(params, self._initial_state(theta, pre, params, values))
+
+        return jax.vmap(one)(self.preequilibration_conditions)
+
+    def simulate_condition(self, theta, condition, preequilibrated=None):
+        """States of one simulation condition at its measurement times, and the result;
+        `preequilibrated` is `preequilibrate(theta)` when the caller has it."""
         params, values = self._condition_params(theta, condition)
         x0 = self._initial_state(theta, condition, params, values)
         result = RESULTS.successful
         if self.has_preequilibration:
-            pre = self.preequilibration[condition]
-            pre_params, pre_values = self._condition_params(theta, jnp.maximum(pre, 0))
-            pre_x0 = self._initial_state(theta, jnp.maximum(pre, 0), pre_params, pre_values)
-            x_ss, pre_result = self._steady_state(pre_params, pre_x0)
+            states, results = (self.preequilibrate(theta) if preequilibrated is None
+                               else preequilibrated)
+            slot = self.preequilibration_slot[condition]
+            x_ss = states[jnp.maximum(slot, 0)]
+            pre_result = jax.tree.map(lambda v: v[jnp.maximum(slot, 0)], results)
             # The simulation condition's own initial values override the steady state.
             after = self._initial_state(theta, condition, params, values, base=x_ss)
-            x0 = jnp.where(pre >= 0, after, x0)
-            result = RESULTS.where(pre >= 0, pre_result, result)
+            x0 = jnp.where(slot >= 0, after, x0)
+            result = RESULTS.where(slot >= 0, pre_result, result)
         trajectory = simulate(
             self.model, params, self.times[condition], integrator=self.integrator,
             sensitivity=self.sensitivity, initial_state=x0,
@@ -300,8 +313,9 @@ class PEtabProblem(eqx.Module):
 
     def predict(self, theta, measurements: MeasurementSet):
         """`predictions` of a `MeasurementSet` at all parameters `theta` (linear scale)."""
+        preequilibrated = self.preequilibrate(theta) if self.has_preequilibration else None
         states, params, results = jax.vmap(
-            lambda c: self.simulate_condition(theta, c)
+            lambda c: self.simulate_condition(theta, c, preequilibrated)
         )(measurements.conditions)
         c = measurements.condition
         times = self.times[measurements.conditions]
@@ -930,6 +944,7 @@ class _Loader:
             )
 
         as_int = lambda a: jnp.asarray(a, dtype=jnp.int32)
+        distinct_pre = [int(q) for q in dict.fromkeys(pre_of) if q >= 0]
         everything = measurement_set(np.arange(M), len(used_simulation), M)
         individual_ids, per_individual = [], None
         if individual_rows:
@@ -956,6 +971,9 @@ class _Loader:
             condition_initial_set=jnp.asarray(x_set),
             initial_divide_by=as_int(divide_by),
             preequilibration=as_int(pre_of),
+            preequilibration_conditions=as_int(distinct_pre or [0]),
+            preequilibration_slot=as_int([distinct_pre.index(q) if q >= 0 else -1
+                                          for q in pre_of]),
             times=jnp.asarray(times),
             steady_state_measured=(jnp.asarray(steady_measured) if steady_measured.any()
                                    else None),
