@@ -140,6 +140,7 @@ from ._petab_population import (  # noqa: E402
     population_space as petab_population_space,
 )
 from ._predictions import predictions_frame as predictions_frame  # noqa: E402
+from ._rosenbrock import Rodas5 as Rodas5  # noqa: E402
 from ._problem import (  # noqa: E402
     Problem as Problem,
     ProblemError as ProblemError,
