@@ -69,7 +69,7 @@ def zoo_case(name: str, integrator: cal.Integrator):
 def petab_case(name: str, integrator: cal.Integrator):
     reference = json.loads((PETAB / "reference.json").read_text())[name]
     problem = cal.load_petab(PETAB / reference["yaml"], integrator=integrator)
-    return problem.negative_log_likelihood, problem.nominal_x(), None
+    return lambda x: problem.negative_log_likelihood(x), problem.nominal_x(), None
 
 
 CASES = {
