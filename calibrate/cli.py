@@ -302,7 +302,7 @@ def simulate(
     model: Annotated[str, typer.Argument(
         metavar="MODEL|PROBLEM",
         help="Zoo model name, path/to/file.py:ClassName, or a problem file "
-        "(PROBLEM.toml).", show_default=False)],
+        "(PROBLEM.toml or a PEtab PROBLEM.yaml).", show_default=False)],
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", metavar="NAME=VALUE",
         help="Set a parameter (repeatable, or comma-separated); others keep their "
@@ -323,6 +323,11 @@ def simulate(
 ):
     """Simulate MODEL, or every individual of PROBLEM.toml, as long-format CSV.
 
+    With a PEtab PROBLEM.yaml: the PEtab simulation table (the
+    measurement table with `simulation` in place of `measurement`) at
+    the parameter table's nominal values (changed with --param), as TSV,
+    solved with the Rodas5 Rosenbrock method.
+
     Columns: time, kind ("observable" or "state"), name, value: one
     row per time and variable, observables first. For a problem file,
     an `individual` column comes first: each individual is simulated
@@ -331,6 +336,17 @@ def simulate(
     its last measurement.
     """
     _check_tolerances(rtol, atol)
+    if _is_petab(Path(model.strip())):
+        if times is not None:
+            raise CLIError("--times does not apply to a PEtab problem: its measurement "
+                           "table gives the times")
+        frame = simulate_petab(Path(model.strip()), param, rtol, atol)
+        if out is None:
+            sys.stdout.write(frame.to_csv(index=False, sep="\t", lineterminator="\n"))
+        else:
+            write_csv_atomic(out, frame, sep="\t")
+            _stderr().print(f"wrote {len(frame)} rows to {out}", markup=False)
+        return
     if model.strip().lower().endswith(".toml"):
         frame = simulate_problem(Path(model), param, times, states, rtol, atol)
         if out is None:
@@ -364,6 +380,32 @@ def simulate(
     else:
         write_csv_atomic(out, frame)
         _stderr().print(f"wrote {len(frame)} rows to {out}", markup=False)
+
+
+@eqx.filter_jit
+def _petab_predict_at(problem: cal.PEtabProblem, theta):
+    return problem.predict(theta, problem.measurements)
+
+
+def simulate_petab(path: Path, param, rtol: float, atol: float) -> pd.DataFrame:
+    """The PEtab simulation table at the nominal parameters (or --param values)."""
+    problem = cal.load_petab(path, integrator=cal.Integrator(
+        solver=cal.Rodas5(), rtol=rtol, atol=atol))
+    values = parse_assignments(param, "--param")
+    unknown = [name for name in values if name not in problem.parameter_ids]
+    if unknown:
+        raise CLIError(*[f"--param {name}: not a parameter of the parameter table"
+                         f"{_did_you_mean(name, problem.parameter_ids)}" for name in unknown])
+    theta = np.asarray(problem.nominal).copy()
+    for name, value in values.items():
+        theta[problem.parameter_ids.index(name)] = value
+    y_pred, sigma, result = _petab_predict_at(problem, jnp.asarray(theta))
+    if result != cal.RESULTS.successful:
+        code = cal.result_code(result)
+        raise CLIError(f"the simulation of {path.name} failed ({cal.result_name(code)}): "
+                       f"{cal.result_message(code)}", exit_code=EXIT_RUNTIME_ERROR)
+    frame, _ = _petab_simulations(path, y_pred, sigma, problem.measurements.row)
+    return frame
 
 
 def simulate_problem(path: Path, param, times: str | None, states: bool, rtol: float,

@@ -1,6 +1,7 @@
 """PEtab import against AMICI's reference likelihoods and gradients on real benchmark
 problems (tests/data/petab, BSD-3 licence), and clear errors for bad tables."""
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -254,3 +255,29 @@ def test_time_inf_measures_the_steady_state(tmp_path):
     assert at_inf.n_measurements == 49
     value, _ = _evaluate(at_inf, at_inf.nominal_x())
     assert value > reference["nllh_nominal"]  # one more term, a likelihood > 0
+
+
+def test_simulate_writes_the_petab_simulation_table(tmp_path):
+    """`calibrate simulate PROBLEM.yaml` (Rodas5): the table's simulations give
+    AMICI's likelihood at the nominal parameters; --param changes them."""
+    reference = REFERENCE["Bertozzi_PNAS2020"]
+    out = tmp_path / "simulations.tsv"
+    run = _invoke("simulate", DATA / reference["yaml"], "--out", out, "--rtol", "1e-10",
+                  "--atol", "1e-12")
+    assert run.exit_code == 0, run.output
+    simulations = pd.read_csv(out, sep="\t")
+    measurements = cal._petab.measurement_table(DATA / reference["yaml"])
+    assert list(simulations.columns) == [
+        "simulation" if c == "measurement" else c for c in measurements.columns]
+    problem = load("Bertozzi_PNAS2020")
+    _, sigma, _ = eqx.filter_jit(lambda p, x: p.predictions(x))(problem, problem.nominal_x())
+    y = measurements["measurement"].astype(float).to_numpy()
+    nllh = np.sum(0.5 * np.log(2 * np.pi * np.asarray(sigma) ** 2)
+                  + 0.5 * ((y - simulations["simulation"]) / np.asarray(sigma)) ** 2)
+    np.testing.assert_allclose(nllh, reference["nllh_nominal"], rtol=1e-7)
+    changed = _invoke("simulate", DATA / reference["yaml"], "--param", "R0_NY=2.5")
+    assert changed.exit_code == 0
+    bad = _invoke("simulate", DATA / reference["yaml"], "--param", "R0_YN=2")
+    assert bad.exit_code == 2 and "did you mean 'R0_NY'" in bad.output
+    other = pd.read_csv(io.StringIO(changed.stdout), sep="\t")
+    assert not np.allclose(other["simulation"], simulations["simulation"])
