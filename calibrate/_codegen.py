@@ -146,15 +146,36 @@ def generate_source(
     return "\n".join(lines) + "\n"
 
 
-def compile_function(name: str, arguments: Sequence[Argument], outputs: Sequence[sp.Expr]):
+class GeneratedFunction:
+    """Generated code as a callable that is equal (and hashes equal) to any other
+    compiled from the same source, so that jit caches keyed on it (static fields of
+    models and problems) are shared between two imports of one model."""
+
+    def __init__(self, name: str, source: str):
+        namespace = {"jax": jax, "functools": functools}
+        exec(compile(source, f"<calibrate generated {name}>", "exec"), namespace)
+        self.function = namespace[name]
+        self.name = name
+        self.source = source
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+    def __eq__(self, other):
+        return (isinstance(other, GeneratedFunction) and self.name == other.name
+                and self.source == other.source)
+
+    def __hash__(self):
+        return hash((self.name, self.source))
+
+    def __repr__(self):
+        return f"GeneratedFunction({self.name!r})"
+
+
+def compile_function(name: str, arguments: Sequence[Argument],
+                     outputs: Sequence[sp.Expr]) -> GeneratedFunction:
     """A JAX function of `arguments` returning `outputs` (shape `(len(outputs),)`)."""
-    source = generate_source(name, arguments, outputs)
-    namespace = {"jax": jax, "functools": functools}
-    code = compile(source, f"<calibrate generated {name}>", "exec")
-    exec(code, namespace)
-    function = namespace[name]
-    function.source = source
-    return function
+    return GeneratedFunction(name, generate_source(name, arguments, outputs))
 
 
 def _piecewise(*args):

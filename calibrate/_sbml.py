@@ -586,7 +586,18 @@ def build_model(
         "__doc__": f"SBML model {symbolic.name} ({symbolic.source}).",
         "__module__": __name__,
     }
-    return type(name, (SBMLModel,), attributes)()
+    # One class per distinct model, so two imports of one model share compiled code
+    # (jit caches key on the model's type).
+    key = (name, attributes["states"], tuple(observables),
+           tuple((p.name, p.default) for p in parameters),
+           *(f.source for f in (rhs_function, initial_function, observe_function,
+                                jump_function)))
+    if key not in _MODEL_CLASSES:
+        _MODEL_CLASSES[key] = type(name, (SBMLModel,), attributes)
+    return _MODEL_CLASSES[key]()
+
+
+_MODEL_CLASSES: dict[tuple, type] = {}
 
 
 def _expression(symbolic: SymbolicModel, name: str, formula) -> sp.Expr:

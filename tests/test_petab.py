@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import calibrate as cal
+from calibrate._compilation import compilation
 
 
 DATA = Path(__file__).parent / "data" / "petab"
@@ -281,3 +282,16 @@ def test_simulate_writes_the_petab_simulation_table(tmp_path):
     assert bad.exit_code == 2 and "did you mean 'R0_NY'" in bad.output
     other = pd.read_csv(io.StringIO(changed.stdout), sep="\t")
     assert not np.allclose(other["simulation"], simulations["simulation"])
+
+
+def test_a_reloaded_problem_fits_without_compiling_again():
+    """Two imports of one problem share compiled code (generated functions and model
+    classes compare equal by their source), so a second multistart compiles nothing."""
+    path = DATA / REFERENCE["Bertozzi_PNAS2020"]["yaml"]
+    first = cal.fit_petab(cal.load_petab(path), starts=cal.SobolStarts(4), max_steps=500)
+    with compilation() as log:
+        second = cal.fit_petab(cal.load_petab(path), starts=cal.SobolStarts(4), seed=1,
+                               max_steps=500)
+    assert log.lowered == 0
+    assert second.compile_seconds < 0.1 * max(first.compile_seconds, 1.0)
+    assert not np.allclose(second.x, first.x)  # other starts, same executable

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import calibrate as cal
+from calibrate._compilation import compilation
 from helpers import relative_error
 
 
@@ -307,22 +308,13 @@ def test_new_data_of_the_same_shape_compiles_nothing():
     eta = TRUE_SD * np.random.default_rng(5).normal(size=N)
     params = [{"p": 1.5 * float(np.exp(e)), "q": TRUE_Q} for e in eta]
     data = cal.synthetic_dataset(MODEL, params, TIMES, key=jax.random.key(6))
-    lowered = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowered.append(event)
-
     steps = []
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilation() as log:
         result = cal.calibrate_population(
             MODEL, data, hierarchy=SHARED_Q, start=START, integrator=INTEGRATOR,
             outer=cal.QuasiNewton(max_steps=4),
-            callback=lambda step, *_: steps.append((step, len(lowered))))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+            callback=lambda step, *_: steps.append((step, log.lowered)))
     assert [s for s, _ in steps] == [1, 2, 3, 4]
-    assert lowered == [], f"{len(lowered)} functions lowered: recompiled"
+    assert log.lowered == 0, f"{log.lowered} functions lowered: recompiled"
     # The run did real work on the new data.
     assert np.isfinite(result.objective) and result.objective != shared_q_result().objective
