@@ -62,3 +62,61 @@ def test_large_cpu_population_is_chunked():
     with pytest.raises(ValueError, match="chunk_size"):
         cal.population_setup(model, data, hierarchy=cal.Hierarchy(random=["k3"]),
                              chunk_size=0)
+
+
+_SHARDED_RUN = """
+import json, os, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+import numpy as np
+import calibrate as cal
+sys.path.insert(0, os.environ["TESTS"])
+from test_batching import _population_evaluation
+assert len(jax.devices()) == 4
+print(json.dumps(_population_evaluation(chunk_size=2)))
+"""
+
+
+def _population_evaluation(chunk_size):
+    """Outer objective, hypergradient and inner solutions of a 6-individual population
+    (on several devices: 6 padded to 8, two chunks of 2 per device)."""
+    module = cal.zoo_module("reference")
+    data = module.synthetic_data(jax.random.key(3), n_individuals=6, variability=0.2)
+    setup = cal.population_setup(module.MODEL(), data, chunk_size=chunk_size,
+                                 hierarchy=cal.Hierarchy(random=["p"], fixed=["q"]))
+    e = setup.evaluate(cal.Implicit(curvature=cal.ForwardHessian()), setup.theta,
+                       setup.starts)
+    return {"value": float(e.value),
+            "gradient": {k: np.asarray(v).tolist() for k, v in e.gradient.items()},
+            "inner": np.asarray(e.hypergradients.inner_solution).tolist(),
+            "stationarity": np.asarray(e.hypergradients.stationarity).tolist()}
+
+
+def test_individuals_sharded_over_four_devices_give_the_unsharded_result(tmp_path):
+    """With four (CPU) devices and CALIBRATE_SHARD=1 the individual axis is split over
+    them by XLA's SPMD partitioner; every number is the one-device result."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "CALIBRATE_SHARD": "1",
+           "TESTS": str(here),
+           "CACHE": str(jax.config.jax_compilation_cache_dir or tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", _SHARDED_RUN], env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sharded = json.loads(run.stdout.strip().splitlines()[-1])
+    single = _population_evaluation(chunk_size=None)
+    np.testing.assert_allclose(sharded["value"], single["value"], rtol=1e-12)
+    for key in single["gradient"]:
+        np.testing.assert_allclose(sharded["gradient"][key], single["gradient"][key],
+                                   rtol=1e-10)
+    np.testing.assert_allclose(sharded["inner"], single["inner"], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(sharded["stationarity"], single["stationarity"],
+                               rtol=1e-6, atol=1e-14)

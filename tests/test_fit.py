@@ -43,7 +43,9 @@ def _loss_at_truth(model, data, estimated, truth):
     )
 
 
-@pytest.mark.parametrize("name", ["reference", "enzyme_kinetics", "mapk_cascade"])
+# The cascade's fit (about a minute on two cores) runs with the slow cases.
+@pytest.mark.parametrize("name", ["reference", "enzyme_kinetics",
+                                  pytest.param("mapk_cascade", marks=pytest.mark.slow)])
 def test_fit_recovers_ground_truth(name):
     module = cal.zoo_module(name)
     model, data, result = zoo_fit(name)
