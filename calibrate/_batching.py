@@ -93,7 +93,8 @@ def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
 def _sharded(fn, args, in_axes, chunk_size, devices):
     """`map_individuals` with the individual axis split over `devices` by XLA's SPMD
     partitioner: each chunk of `len(devices) * chunk_size` individuals is laid out
-    across the devices (sharding constraints on the vmapped axis)."""
+    across the devices (sharding constraints on the vmapped axis). `devices` may span
+    the processes of `jax.distributed`; results come back replicated."""
     mesh = Mesh(np.array(devices), (INDIVIDUALS,))
     mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
     n = jax.tree.leaves(args[mapped[0]])[0].shape[0]
@@ -118,4 +119,7 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
                                                                *a.shape[1:]), args[i])
                     for i in mapped)
     out = jax.lax.map(chunk, stacked)
-    return jax.tree.map(lambda a: a.reshape(total, *a.shape[2:])[:n], out)
+    # Replicated results: every process of a multi-host run can read all of them.
+    everywhere = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+        a.reshape(total, *a.shape[2:])[:n], everywhere), out)

@@ -94,25 +94,27 @@ def _population_evaluation(chunk_size):
             "stationarity": np.asarray(e.hypergradients.stationarity).tolist()}
 
 
-def test_individuals_sharded_over_four_devices_give_the_unsharded_result(tmp_path):
-    """With four (CPU) devices and CALIBRATE_SHARD=1 the individual axis is split over
-    them by XLA's SPMD partitioner; every number is the one-device result."""
+def _run_script(script, env, processes=1):
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    here = Path(__file__).parent
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "CALIBRATE_SHARD": "1",
-           "TESTS": str(here),
-           "CACHE": str(jax.config.jax_compilation_cache_dir or tmp_path / "cache")}
-    run = subprocess.run([sys.executable, "-c", _SHARDED_RUN], env=env, text=True,
-                         capture_output=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sharded = json.loads(run.stdout.strip().splitlines()[-1])
-    single = _population_evaluation(chunk_size=None)
+    env = {**os.environ, "CALIBRATE_SHARD": "1", "TESTS": str(Path(__file__).parent),
+           "CACHE": str(jax.config.jax_compilation_cache_dir), **env}
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for rank in range(processes)]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def _assert_same_evaluation(sharded, single):
     np.testing.assert_allclose(sharded["value"], single["value"], rtol=1e-12)
     for key in single["gradient"]:
         np.testing.assert_allclose(sharded["gradient"][key], single["gradient"][key],
@@ -120,3 +122,42 @@ def test_individuals_sharded_over_four_devices_give_the_unsharded_result(tmp_pat
     np.testing.assert_allclose(sharded["inner"], single["inner"], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(sharded["stationarity"], single["stationarity"],
                                rtol=1e-6, atol=1e-14)
+
+
+def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
+    """With four (CPU) devices and CALIBRATE_SHARD=1 the individual axis is split over
+    them by XLA's SPMD partitioner; every number is the one-device result."""
+    (sharded,) = _run_script(_SHARDED_RUN, {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    _assert_same_evaluation(sharded, _population_evaluation(chunk_size=None))
+
+
+_DISTRIBUTED_RUN = """
+import json, os, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=os.environ["COORDINATOR"], num_processes=2,
+                           process_id=int(sys.argv[1]))
+jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
+sys.path.insert(0, os.environ["TESTS"])
+from test_batching import _population_evaluation
+assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+print(json.dumps(_population_evaluation(chunk_size=2)))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_give_the_one_process_result():
+    """`jax.distributed` with two CPU processes (one device each, gloo collectives):
+    both processes read the one-process result."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = _run_script(_DISTRIBUTED_RUN, {"COORDINATOR": f"127.0.0.1:{port}"},
+                          processes=2)
+    single = _population_evaluation(chunk_size=None)
+    for result in results:
+        _assert_same_evaluation(result, single)
