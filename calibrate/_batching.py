@@ -82,12 +82,17 @@ def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
     mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
 
     def body(xs):
-        full = list(args)
-        for i, x in zip(mapped, xs):
-            full[i] = x
-        return fn(*full)
+        return fn(*_with_mapped(args, mapped, xs))
 
     return jax.lax.map(body, tuple(args[i] for i in mapped), batch_size=chunk_size)
+
+
+def _with_mapped(args, mapped, xs):
+    """`args` with the entries at positions `mapped` replaced by `xs`."""
+    full = list(args)
+    for i, x in zip(mapped, xs):
+        full[i] = x
+    return full
 
 
 def _sharded(fn, args, in_axes, chunk_size, devices):
@@ -110,10 +115,7 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
             a, NamedSharding(mesh, P(INDIVIDUALS))), tree)
 
     def chunk(xs):
-        full = list(args)
-        for i, x in zip(mapped, spread(xs)):
-            full[i] = x
-        return spread(jax.vmap(fn, in_axes=in_axes)(*full))
+        return spread(jax.vmap(fn, in_axes=in_axes)(*_with_mapped(args, mapped, spread(xs))))
 
     stacked = tuple(jax.tree.map(lambda a: padded(a).reshape(total // width, width,
                                                                *a.shape[1:]), args[i])

@@ -198,7 +198,6 @@ class PEtabProblem(eqx.Module):
     condition_initial: _Mapping  # (C, S) initial-value overrides
     condition_initial_set: Array  # (C, S) bool
     initial_divide_by: Int[Array, " S"]  # parameter index of the compartment, or -1
-    preequilibration: Int[Array, " C"]  # condition index of the pre-condition or -1
     preequilibration_conditions: Int[Array, " Q"]  # the distinct pre-conditions
     preequilibration_slot: Int[Array, " C"]  # index into those, or -1
     times: Float[Array, "C T"]
@@ -342,9 +341,6 @@ class PEtabProblem(eqx.Module):
 
     # -- likelihood ----------------------------------------------------------------------
 
-    def _terms(self, x):
-        return self.terms(self.theta(x), self.measurements)
-
     def terms(self, theta, measurements: MeasurementSet):
         """Per measurement: residual $r_m$, $\\sigma_m$ and negative log-likelihood term
         (0 for padding), and the worst solve result."""
@@ -371,12 +367,9 @@ class PEtabProblem(eqx.Module):
     def evaluate(self, x) -> tuple[Float[Array, ""], RESULTS]:
         """Negative log-likelihood of the data (priors excluded) and the solve result;
         `inf` when a solve failed or a prediction is invalid for its noise model."""
-        _, _, terms, result = self._terms(x)
-        value = jnp.sum(terms)
-        ok = (result == RESULTS.successful) & jnp.isfinite(value)
-        result = RESULTS.where((result == RESULTS.successful) & ~ok,
-                               RESULTS.nonfinite_likelihood, result)
-        return jnp.where(ok, value, jnp.inf), result
+        _, _, terms, result = self.terms(self.theta(x), self.measurements)
+        value, _, result = _checked(jnp.sum(terms), jnp.zeros(0), result)
+        return value, result
 
     def negative_log_likelihood(self, x) -> Float[Array, ""]:
         return self.evaluate(x)[0]
@@ -417,14 +410,8 @@ class PEtabProblem(eqx.Module):
         r, sigma, terms, result = self.terms(theta, measurements)
         extra = jnp.where(measurements.mask,
                           jnp.sqrt(2 * jnp.log(sigma) + SIGMA_RESIDUAL_SHIFT), 0.0)
-        out = jnp.concatenate([r, extra])
-        value = jnp.sum(terms)
-        ok = ((result == RESULTS.successful) & jnp.all(jnp.isfinite(out))
-              & jnp.isfinite(value))
-        result = RESULTS.where((result == RESULTS.successful) & ~ok,
-                               RESULTS.nonfinite_likelihood, result)
-        out = jnp.where(ok, out, jax.lax.stop_gradient(jnp.full_like(out, 1e6)))
-        return out, jnp.where(ok, value, jnp.inf), result
+        value, out, result = _checked(jnp.sum(terms), jnp.concatenate([r, extra]), result)
+        return out, value, result
 
     def value_and_gradient(self, x, sensitivity: AbstractSensitivity | None = None):
         """Negative log-likelihood and its gradient w.r.t. `x` (parameter scale), in the
@@ -435,6 +422,18 @@ class PEtabProblem(eqx.Module):
         return problem.sensitivity.value_and_grad(
             lambda z: problem.negative_log_likelihood(z), jnp.asarray(x, dtype=float)
         )
+
+
+def _checked(value, residuals, result):
+    """A likelihood and its residuals made safe for optimisers: where the solve failed
+    or either is not finite, `inf`, a large constant without derivative and
+    `nonfinite_likelihood` (unless the solve's own failure says more)."""
+    solved = result == RESULTS.successful
+    ok = solved & jnp.isfinite(value) & jnp.all(jnp.isfinite(residuals))
+    result = RESULTS.where(solved & ~ok, RESULTS.nonfinite_likelihood, result)
+    residuals = jnp.where(ok, residuals,
+                          jax.lax.stop_gradient(jnp.full_like(residuals, 1e6)))
+    return jnp.where(ok, value, jnp.inf), residuals, result
 
 
 def _to_scale(values, scale):
@@ -650,10 +649,10 @@ class _Loader:
                 self.issues.append(table.issue(
                     f"populationSd {sd_text!r} is not a positive number", i, "populationSd"))
                 sd = None
+        nominal = _float(row["nominalValue"]) or 0.0
         if sd is None:
-            nominal = _float(row["nominalValue"]) or 0.0
             sd = 0.3 if kind == "logNormal" or nominal == 0 else 0.3 * abs(nominal)
-        if kind == "logNormal" and not (_float(row["nominalValue"]) or 0.0) > 0:
+        if kind == "logNormal" and not nominal > 0:
             self.issues.append(table.issue(
                 "a logNormal parameter needs a positive nominalValue (the start of its "
                 "population median)", i, "nominalValue"))
@@ -970,7 +969,6 @@ class _Loader:
             condition_initial=_Mapping(as_int(x_source), jnp.asarray(x_value)),
             condition_initial_set=jnp.asarray(x_set),
             initial_divide_by=as_int(divide_by),
-            preequilibration=as_int(pre_of),
             preequilibration_conditions=as_int(distinct_pre or [0]),
             preequilibration_slot=as_int([distinct_pre.index(q) if q >= 0 else -1
                                           for q in pre_of]),

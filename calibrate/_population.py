@@ -453,8 +453,6 @@ class QuasiNewton(AbstractOuterOptimiser):
 
     def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False):
         solver = optx.BFGS(rtol=self.rtol, atol=self.atol)
-        options: dict = {}
-        tags = frozenset()
         first = evaluate(theta, starts)
         if resume:
             meta = checkpoint.meta()
@@ -470,12 +468,8 @@ class QuasiNewton(AbstractOuterOptimiser):
 
         evaluation = packed(first, starts)
         f_struct, aux_struct = jax.eval_shape(_precomputed, theta, evaluation)
-        state = solver.init(_precomputed, theta, evaluation, options, f_struct, aux_struct,
-                            tags)
-        step = lambda theta, state, evaluation: _bfgs_step(solver, theta, state, evaluation)
-        terminate = lambda theta, state, evaluation: _bfgs_terminate(solver, theta, state,
-                                                                      evaluation)
-        decrement = _bfgs_decrement
+        state = solver.init(_precomputed, theta, evaluation, {}, f_struct, aux_struct,
+                            frozenset())
         if resume:
             state = checkpoint.optimiser_state(state)
         size = ravel_pytree(theta)[0].size
@@ -485,14 +479,14 @@ class QuasiNewton(AbstractOuterOptimiser):
             # optimistix evaluates the objective at `state.y_eval`; do it here.
             e = first if steps == 1 else evaluate(state.y_eval, starts)
             evaluation = packed(e, starts)
-            theta, state, starts = step(theta, state, evaluation)
+            theta, state, starts = _bfgs_step(solver, theta, state, evaluation)
             callback(steps, theta, float(state.f_info.f) / scale, e.hypergradients)
-            finished, result = terminate(theta, state, evaluation)
+            finished, result = _bfgs_terminate(solver, theta, state, evaluation)
             if bool(finished):
                 converged = bool(result == optx.RESULTS.successful)
             # Scaled objective and gradient: gᵀB⁻¹g carries one factor of `scale`.
             elif (int(state.num_accepted_steps) >= size
-                    and float(decrement(state)) / scale < self.decrement_tol):
+                    and float(_bfgs_decrement(state)) / scale < self.decrement_tol):
                 finished = converged = True
             if checkpoint is not None and (checkpoint.due(steps) or finished):
                 checkpoint.save(steps, {"theta": theta, "starts": starts}, state,

@@ -583,7 +583,8 @@ def build_model(
         "_initial_function": staticmethod(initial_function),
         "_observe_function": staticmethod(observe_function),
         "_discontinuity_function": staticmethod(jump_function),
-        "__doc__": f"SBML model {symbolic.name} ({symbolic.source}).",
+        # Not the file: two files with the same model share this class.
+        "__doc__": f"SBML model {symbolic.name}.",
         "__module__": __name__,
     }
     # One class per distinct model, so two imports of one model share compiled code

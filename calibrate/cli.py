@@ -404,7 +404,8 @@ def simulate_petab(path: Path, param, rtol: float, atol: float) -> pd.DataFrame:
         code = cal.result_code(result)
         raise CLIError(f"the simulation of {path.name} failed ({cal.result_name(code)}): "
                        f"{cal.result_message(code)}", exit_code=EXIT_RUNTIME_ERROR)
-    frame, _ = _petab_simulations(path, y_pred, sigma, problem.measurements.row)
+    frame, _ = _petab_simulations(measurement_table(path), y_pred, sigma,
+                                  problem.measurements.row)
     return frame
 
 
@@ -1126,11 +1127,6 @@ def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
                            f"{', '.join(p.name for p in written)} to {out}")
 
 
-@eqx.filter_jit
-def _petab_predictions(problem: cal.PEtabProblem, x):
-    return problem.predictions(x)
-
-
 def _is_petab(path: Path) -> bool:
     return path.suffix.lower() in (".yaml", ".yml")
 
@@ -1138,7 +1134,7 @@ def _is_petab(path: Path) -> bool:
 def check_petab(path: Path) -> None:
     problem = cal.load_petab(path)
     stdout = _stdout()
-    pre = int(np.sum(np.asarray(problem.preequilibration) >= 0))
+    pre = int(np.sum(np.asarray(problem.preequilibration_slot) >= 0))
     population = (f"; population extension: {len(problem.individual_ids)} individuals"
                   if problem.is_population else "")
     stdout.print(
@@ -1203,8 +1199,9 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int | None, seed: int | 
     theta = np.asarray(problem.theta(result.best_x))
     linear = {pid: float(theta[problem.parameter_ids.index(pid)])
               for pid in problem.estimated_ids}
-    y_pred, sigma, _ = _petab_predictions(problem, result.best_x)
-    simulations, _ = _petab_simulations(path, y_pred, sigma, problem.measurements.row)
+    y_pred, sigma, _ = _petab_predict_at(problem, problem.theta(result.best_x))
+    simulations, _ = _petab_simulations(measurement_table(path), y_pred, sigma,
+                                        problem.measurements.row)
     converged = int(np.sum(np.asarray(result.result) == cal.RESULTS.successful._value))
     within = result.n_within(1e-3)
     settings = {"starts": starts, "seed": seed, "max_steps": max_steps,
@@ -1254,10 +1251,11 @@ def _petab_files(path: Path) -> dict[str, list[dict[str, str]]]:
             for role, files in problem_files(path).items()}
 
 
-def _petab_simulations(path: Path, y_pred, sigma, rows) -> pd.DataFrame:
-    """The measurement table with `simulation` (and `sigma`) columns: PEtab's
-    simulation table; `rows` says which measurement each prediction belongs to."""
-    frame = measurement_table(path)
+def _petab_simulations(frame: pd.DataFrame, y_pred, sigma,
+                       rows) -> tuple[pd.DataFrame, np.ndarray]:
+    """PEtab's simulation table (the measurement table `frame` with `simulation` in
+    place of `measurement`) and each row's σ; `rows` says which measurement table row
+    each prediction belongs to."""
     simulation = np.full(len(frame), np.nan)
     noise = np.full(len(frame), np.nan)
     rows = np.asarray(rows).ravel()
@@ -1289,21 +1287,22 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
     done = checkpoint.meta()["step"] if resume else 0
     out.mkdir(parents=True, exist_ok=True)
     n = len(problem.individual_ids)
-    hierarchy = cal.Hierarchy(**cal.petab_population_roles(problem))
+    roles = cal.petab_population_roles(problem)
     result = _run_population(problem, None, {"outer": cal.QuasiNewton(max_steps=max_steps)},
                              n, max_steps, checkpoint, resume, done)
     params = {name: jnp.asarray(result.individual[name].to_numpy(float))
               for name in problem.estimated_ids}
     y_pred, sigma, _ = _petab_individual_predictions(cal.PEtabLikelihood(problem), params)
-    simulations, noise = _petab_simulations(path, y_pred, sigma,
+    table = measurement_table(path)
+    measured = table["measurement"].astype(float).to_numpy()
+    simulations, noise = _petab_simulations(table, y_pred, sigma,
                                             problem.individual_measurements.row)
-    measured = measurement_table(path)["measurement"].astype(float).to_numpy()
     predictions = pd.DataFrame({
         "individual": simulations["individualId"], "observable": simulations["observableId"],
         "time": simulations["time"].astype(float), "observed": measured,
         "predicted": simulations["simulation"],
         "weighted_residual": (measured - simulations["simulation"]) / noise})
-    individuals = _individuals_with_eta(result, hierarchy.random)
+    individuals = _individuals_with_eta(result, roles["random"])
     diagnostics = _diagnostics_frame(result, problem.individual_ids)
     written = [
         write_csv_atomic(out / "population.csv", result.population),
@@ -1317,7 +1316,7 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
     problems = _population_warnings(result, diagnostics)
     objective = _objective_summary(result)
     space = cal.petab_population_space(problem)
-    names = [*hierarchy.random, *hierarchy.individual]
+    names = [*roles["random"], *roles["individual"]]
     figures = [
         ("Observed against predicted",
          report.plot_observed_vs_predicted(predictions, out / "observed_vs_predicted.png")),
