@@ -29,3 +29,19 @@ def first_individual(dataset):
 def relative_error(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def invoke_cli(*args):
+    """Run the `calibrate` command line in-process; arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from calibrate.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def replace_once(path, old, new):
+    """Replace the first `old` in the file at `path`, which must contain it."""
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))

@@ -14,6 +14,7 @@ import pytest
 
 import calibrate as cal
 from calibrate._compilation import compilation
+from helpers import invoke_cli, replace_once
 
 
 DATA = Path(__file__).parent / "data" / "petab"
@@ -146,29 +147,25 @@ def _broken_copy(tmp_path, edit):
     return folder / "problem.yaml"
 
 
-def _replace(path, old, new):
-    path.write_text(path.read_text().replace(old, new, 1))
-
-
 @pytest.mark.parametrize("edit, expected", [
-    (lambda f: _replace(f / "measurements.tsv", "y_I_CA\tu_CA\t225", "y_I_XX\tu_CA\t225"),
+    (lambda f: replace_once(f / "measurements.tsv", "y_I_CA\tu_CA\t225", "y_I_XX\tu_CA\t225"),
      "measurements.tsv, row 2, column 'observableId': observable 'y_I_XX' is not in the "
      "observable table (did you mean 'y_I_"),
-    (lambda f: _replace(f / "measurements.tsv", "u_CA\t187", "u_CA\tmany"),
+    (lambda f: replace_once(f / "measurements.tsv", "u_CA\t187", "u_CA\tmany"),
      "measurements.tsv, row 3, column 'measurement': measurement 'many' is not a finite"),
-    (lambda f: _replace(f / "conditions.tsv", "I0_CA", "I0_Ca"),
+    (lambda f: replace_once(f / "conditions.tsv", "I0_CA", "I0_Ca"),
      "conditions.tsv, row 2, column 'I0_': value 'I0_Ca' is neither a number nor a "
      "parameter of the parameter table (did you mean 'I0_CA'?)"),
-    (lambda f: _replace(f / "conditions.tsv", "gamma_\n", "gama_\n"),
+    (lambda f: replace_once(f / "conditions.tsv", "gamma_\n", "gama_\n"),
      "conditions.tsv, column 'gama_': column 'gama_' names no parameter, species or "
      "compartment of the model (did you mean 'gamma_'?)"),
-    (lambda f: _replace(f / "parameters.tsv", "R0_NY\tlog10\t1.5", "R0_NY\tlog2\t1.5"),
+    (lambda f: replace_once(f / "parameters.tsv", "R0_NY\tlog10\t1.5", "R0_NY\tlog2\t1.5"),
      "parameters.tsv, row 2, column 'parameterScale': parameterScale 'log2' is not one of"),
-    (lambda f: _replace(f / "observables.tsv", "\tI_\tsd_I_NY", "\tI_ +\tsd_I_NY"),
+    (lambda f: replace_once(f / "observables.tsv", "\tI_\tsd_I_NY", "\tI_ +\tsd_I_NY"),
      "observables.tsv, row 2, column 'observableFormula': cannot parse 'I_ +'"),
-    (lambda f: _replace(f / "observables.tsv", "\tI_\tsd_I_NY", "\tI_ * q\tsd_I_NY"),
+    (lambda f: replace_once(f / "observables.tsv", "\tI_\tsd_I_NY", "\tI_ * q\tsd_I_NY"),
      "observables.tsv, row 2, column 'observableFormula': unknown identifier(s) q"),
-    (lambda f: _replace(f / "problem.yaml", "format_version: 1", "format_version: 3"),
+    (lambda f: replace_once(f / "problem.yaml", "format_version: 1", "format_version: 3"),
      "problem.yaml, format_version: format_version '3': only PEtab v1 is supported"),
 ])
 def test_bad_tables_are_reported_with_file_row_and_column(tmp_path, edit, expected):
@@ -179,7 +176,7 @@ def test_bad_tables_are_reported_with_file_row_and_column(tmp_path, edit, expect
 
 def test_placeholder_count_must_match(tmp_path):
     def edit(folder):
-        _replace(folder / "observables.tsv", "\tI_\tsd_I_NY",
+        replace_once(folder / "observables.tsv", "\tI_\tsd_I_NY",
                  "\tobservableParameter1_y_I_NY * I_\tsd_I_NY")
 
     with pytest.raises(cal.PEtabError) as info:
@@ -188,23 +185,15 @@ def test_placeholder_count_must_match(tmp_path):
             "observableParameter placeholder(s)") in str(info.value)
 
 
-def _invoke(*args):
-    from typer.testing import CliRunner
-
-    from calibrate.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_check_summarises_a_petab_problem_and_reports_bad_tables(tmp_path):
-    good = _invoke("check", DATA / "Brannmark_JBC2010" / "Brannmark_JBC2010.yaml")
+    good = invoke_cli("check", DATA / "Brannmark_JBC2010" / "Brannmark_JBC2010.yaml")
     assert good.exit_code == 0, good.output
     assert ("valid PEtab problem; model Brannmark_JBC2010 with 9 states, 8 simulation "
             "condition(s) (8 pre-equilibrated), 3 observable(s), 43 measurements, 22 of "
             "22 parameters estimated") in " ".join(good.output.split())
-    broken = _broken_copy(tmp_path, lambda f: _replace(
+    broken = _broken_copy(tmp_path, lambda f: replace_once(
         f / "measurements.tsv", "u_CA\t187", "u_CA\tmany"))
-    bad = _invoke("check", broken)
+    bad = invoke_cli("check", broken)
     assert bad.exit_code == 2
     assert "row 3, column 'measurement'" in bad.output
 
@@ -212,7 +201,7 @@ def test_check_summarises_a_petab_problem_and_reports_bad_tables(tmp_path):
 def test_fit_petab_problem_reaches_the_reference_optimum(tmp_path):
     reference = REFERENCE["Bertozzi_PNAS2020"]
     out = tmp_path / "fit"
-    run = _invoke("fit", DATA / reference["yaml"], "--out", out, "--starts", "4")
+    run = invoke_cli("fit", DATA / reference["yaml"], "--out", out, "--starts", "4")
     assert run.exit_code == 0, run.output
     record = json.loads((out / "estimates.json").read_text())
     # The collection's optimum (AMICI's nllh at the nominal parameters).
@@ -261,7 +250,7 @@ def test_simulate_writes_the_petab_simulation_table(tmp_path):
     AMICI's likelihood at the nominal parameters; --param changes them."""
     reference = REFERENCE["Bertozzi_PNAS2020"]
     out = tmp_path / "simulations.tsv"
-    run = _invoke("simulate", DATA / reference["yaml"], "--out", out, "--rtol", "1e-10",
+    run = invoke_cli("simulate", DATA / reference["yaml"], "--out", out, "--rtol", "1e-10",
                   "--atol", "1e-12")
     assert run.exit_code == 0, run.output
     simulations = pd.read_csv(out, sep="\t")
@@ -274,9 +263,9 @@ def test_simulate_writes_the_petab_simulation_table(tmp_path):
     nllh = np.sum(0.5 * np.log(2 * np.pi * np.asarray(sigma) ** 2)
                   + 0.5 * ((y - simulations["simulation"]) / np.asarray(sigma)) ** 2)
     np.testing.assert_allclose(nllh, reference["nllh_nominal"], rtol=1e-7)
-    changed = _invoke("simulate", DATA / reference["yaml"], "--param", "R0_NY=2.5")
+    changed = invoke_cli("simulate", DATA / reference["yaml"], "--param", "R0_NY=2.5")
     assert changed.exit_code == 0
-    bad = _invoke("simulate", DATA / reference["yaml"], "--param", "R0_YN=2")
+    bad = invoke_cli("simulate", DATA / reference["yaml"], "--param", "R0_YN=2")
     assert bad.exit_code == 2 and "did you mean 'R0_NY'" in bad.output
     other = pd.read_csv(io.StringIO(changed.stdout), sep="\t")
     assert not np.allclose(other["simulation"], simulations["simulation"])

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import calibrate as cal
+from helpers import invoke_cli, replace_once
 
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "petab_population"
@@ -84,41 +85,38 @@ def _individual_nll(likelihood, params, data):
     return likelihood.evaluate_params(params, data)[1]
 
 
-def test_an_individual_sees_only_its_own_measurements_and_conditions(tmp_path):
-    """Subject 7 was measured after a single and a double dose: its population
-    likelihood equals the plain PEtab likelihood of its rows alone."""
+@pytest.mark.parametrize("subject, conditions, rows", [
+    ("subject07", [0, 1], 20),  # a single and a double dose: no padding
+    ("subject02", [0, 0], 10),  # a single dose: rows and condition padded to subject 7's
+])
+def test_an_individual_sees_only_its_own_measurements_and_conditions(tmp_path, subject,
+                                                                      conditions, rows):
+    """An individual's population likelihood equals the plain PEtab likelihood of its
+    rows alone, whether or not its share of the table is padded."""
     problem = cal.load_petab(_copy(tmp_path))
-    seven = problem.individual_ids.index("subject07")
-    one = jax.tree.map(lambda a: a[seven], problem.individual_measurements)
-    assert sorted(np.asarray(one.conditions).tolist()) == [0, 1]
-    assert int(np.sum(np.asarray(one.mask))) == 20
+    index = problem.individual_ids.index(subject)
+    one = jax.tree.map(lambda a: a[index], problem.individual_measurements)
+    assert sorted(np.asarray(one.conditions).tolist()) == conditions
+    assert int(np.sum(np.asarray(one.mask))) == rows
     value = _individual_nll(cal.PEtabLikelihood(problem),
                             {"p": jnp.asarray(1.9), "q": jnp.asarray(2.1)}, one)
 
     def alone(frame):
-        return frame[frame.individualId == "subject07"].drop(columns="individualId")
+        return frame[frame.individualId == subject].drop(columns="individualId")
 
     def plain(folder):
         _edit_table("measurements.tsv", alone)(folder)
         _edit_table("parameters.tsv", _without_population_columns)(folder)
 
     reference = cal.load_petab(_copy(tmp_path / "plain", plain))
-    assert not reference.is_population and reference.n_measurements == 20
+    assert not reference.is_population and reference.n_measurements == rows
     x = jnp.asarray([np.log(1.9), 2.1])  # p on its log scale, q linear
     np.testing.assert_allclose(value, reference.negative_log_likelihood(x), rtol=1e-12)
 
 
-def _invoke(*args):
-    from typer.testing import CliRunner
-
-    from calibrate.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_cli_fit_recovers_the_simulated_population(tmp_path):
     out = tmp_path / "fit"
-    run = _invoke("fit", EXAMPLE / "problem.yaml", "--out", out)
+    run = invoke_cli("fit", EXAMPLE / "problem.yaml", "--out", out)
     assert run.exit_code == 0, run.output
     generator = _generator()
     population = pd.read_csv(out / "population.csv").set_index(["parameter", "kind"])
@@ -149,36 +147,30 @@ def test_cli_fit_recovers_the_simulated_population(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-def _replace(path, old, new):
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
-
-
 @pytest.mark.parametrize("edit, expected", [
-    (lambda f: _replace(f / "parameters.tsv", "logNormal", "lognormal"),
+    (lambda f: replace_once(f / "parameters.tsv", "logNormal", "lognormal"),
      "parameters.tsv, row 2, column 'populationDistribution': populationDistribution "
      "'lognormal' is not one of fixed, individual, normal, logNormal (did you mean "
      "'logNormal'?)"),
-    (lambda f: _replace(f / "parameters.tsv", "logNormal\t0.3", "logNormal\t-1"),
+    (lambda f: replace_once(f / "parameters.tsv", "logNormal\t0.3", "logNormal\t-1"),
      "parameters.tsv, row 2, column 'populationSd': populationSd '-1' is not a positive "
      "number"),
-    (lambda f: _replace(f / "parameters.tsv", "logNormal\t0.3", "fixed\t"),
+    (lambda f: replace_once(f / "parameters.tsv", "logNormal\t0.3", "fixed\t"),
      "parameters.tsv, column 'populationDistribution': no estimated parameter is normal, "
      "logNormal or individual"),
-    (lambda f: _replace(f / "parameters.tsv", "\t0\t\t\n", "\t0\tnormal\t\n"),
+    (lambda f: replace_once(f / "parameters.tsv", "\t0\t\t\n", "\t0\tnormal\t\n"),
      "parameters.tsv, row 4, column 'estimate': populationDistribution 'normal' needs "
      "estimate = 1"),
-    (lambda f: _replace(f / "measurements.tsv", "subject03\t", "\t"),
+    (lambda f: replace_once(f / "measurements.tsv", "subject03\t", "\t"),
      "measurements.tsv, row 22, column 'individualId': individualId is empty"),
-    (lambda f: _replace(f / "measurements.tsv", "individualId\t", "subject\t"),
+    (lambda f: replace_once(f / "measurements.tsv", "individualId\t", "subject\t"),
      "measurements.tsv: the parameter table has a populationDistribution column, so each "
      "measurement needs an individualId column"),
     (_edit_table("parameters.tsv", _without_population_columns),
      "parameters.tsv: the measurement table names individuals (individualId), so the "
      "parameter table needs a populationDistribution column"),
-    (lambda f: _replace(f / "observables.tsv", "sigma_x\n", "sigma_x\tlaplace\n")
-     or _replace(f / "observables.tsv", "noiseFormula", "noiseFormula\tnoiseDistribution"),
+    (lambda f: replace_once(f / "observables.tsv", "sigma_x\n", "sigma_x\tlaplace\n")
+     or replace_once(f / "observables.tsv", "noiseFormula", "noiseFormula\tnoiseDistribution"),
      "observables.tsv, row 2, column 'noiseDistribution': Laplace noise is not "
      "supported with the population extension"),
 ])
@@ -196,6 +188,6 @@ def test_population_needs_the_extension(tmp_path):
     problem = cal.load_petab(_copy(tmp_path, plain))
     with pytest.raises(cal.PEtabError, match="the problem has no individuals"):
         cal.calibrate_population(problem)
-    run = _invoke("fit", tmp_path / "problem" / "problem.yaml", "--out", tmp_path / "o",
+    run = invoke_cli("fit", tmp_path / "problem" / "problem.yaml", "--out", tmp_path / "o",
                   "--resume")
     assert run.exit_code == 2 and "--resume: only a population" in run.output
