@@ -1,4 +1,5 @@
-r"""PEtab v1 problems: an SBML model, experiment tables and a parameter table.
+r"""PEtab problems: an SBML model, experiment tables and a parameter table (v1; v2 is
+read into the same layout by `_petab_v2`).
 
 `load_petab(yaml)` reads the problem, imports the SBML model (`_sbml`) and lays every
 table out as arrays, so that the whole likelihood is one jit-compiled function: the
@@ -42,6 +43,7 @@ from ._data import DataError, Issue
 from ._modelspec import did_you_mean
 from ._noise import SIGMA_RESIDUAL_SHIFT
 from ._parameters import Parameter, ParameterSpace
+from ._petab_v2 import V2Reader, is_v2, problem_files_v2
 from ._results import RESULTS
 from ._sbml import (
     TIME,
@@ -458,7 +460,7 @@ def load_petab(
     sensitivity: AbstractSensitivity = ForwardMode(),
     steady_state_tolerances: tuple[float, float] = (1e-10, 1e-12),
 ) -> PEtabProblem:
-    """Read a PEtab v1 problem (its YAML file) into a `PEtabProblem`.
+    """Read a PEtab v1 or v2 problem (its YAML file) into a `PEtabProblem`.
 
     Every problem found is reported at once in a `PEtabError` naming file, row and
     column; unsupported features are refused by name.
@@ -483,9 +485,11 @@ def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
         raise PEtabError([Issue(str(path), "expected a mapping with format_version, "
                                            "parameter_file and problems")])
     version = str(content.get("format_version", ""))
+    if is_v2(version):
+        return problem_files_v2(path, content)
     if version not in ("1", "1.0", "1.0.0"):
-        raise PEtabError([Issue(str(path), f"format_version {version!r}: only PEtab v1 "
-                                           "is supported", key="format_version")])
+        raise PEtabError([Issue(str(path), f"format_version {version!r}: PEtab v1 and v2 "
+                                           "are supported", key="format_version")])
     problems = content.get("problems")
     if not isinstance(problems, list) or len(problems) != 1:
         raise PEtabError([Issue(str(path), "expected exactly one entry in 'problems'",
@@ -540,14 +544,19 @@ class _Loader:
         except SBMLError as error:
             location = error.location or str(files["sbml_files"][0])
             raise PEtabError([Issue(location, error.detail)]) from None
-        parameters = self.read(files["parameter_file"], (
-            "parameterId", "parameterScale", "lowerBound", "upperBound", "nominalValue",
-            "estimate"))
-        conditions = self.read(files["condition_files"], ("conditionId",))
-        observables = self.read(files["observable_files"], (
-            "observableId", "observableFormula", "noiseFormula"))
-        measurements = self.read(files["measurement_files"], (
-            "observableId", "simulationConditionId", "measurement", "time"))
+        if "experiment_files" in files:
+            tables = V2Reader(files, symbolic.states, self.issues).tables(self.read)
+            self.fail_if_issues()
+            parameters, conditions, observables, measurements = tables
+        else:
+            parameters = self.read(files["parameter_file"], (
+                "parameterId", "parameterScale", "lowerBound", "upperBound", "nominalValue",
+                "estimate"))
+            conditions = self.read(files["condition_files"], ("conditionId",))
+            observables = self.read(files["observable_files"], (
+                "observableId", "observableFormula", "noiseFormula"))
+            measurements = self.read(files["measurement_files"], (
+                "observableId", "simulationConditionId", "measurement", "time"))
         self.fail_if_issues()
         table = self.parameter_table(parameters, symbolic)
         self.fail_if_issues()

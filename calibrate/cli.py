@@ -1134,12 +1134,13 @@ def _is_petab(path: Path) -> bool:
 def check_petab(path: Path) -> None:
     problem = cal.load_petab(path)
     stdout = _stdout()
-    pre = int(np.sum(np.asarray(problem.preequilibration_slot) >= 0))
+    simulated = np.asarray(problem.measurements.conditions)
+    pre = int(np.sum(np.asarray(problem.preequilibration_slot)[simulated] >= 0))
     population = (f"; population extension: {len(problem.individual_ids)} individuals"
                   if problem.is_population else "")
     stdout.print(
         f"{path}: valid PEtab problem; model {problem.model.name} with "
-        f"{len(problem.model.states)} states, {len(problem.condition_ids)} simulation "
+        f"{len(problem.model.states)} states, {len(simulated)} simulation "
         f"condition(s) ({pre} pre-equilibrated), {len(problem.observable_ids)} "
         f"observable(s), {problem.n_measurements} measurements, "
         f"{len(problem.estimated_ids)} of {len(problem.parameter_ids)} parameters "

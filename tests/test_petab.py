@@ -166,7 +166,7 @@ def _broken_copy(tmp_path, edit):
     (lambda f: replace_once(f / "observables.tsv", "\tI_\tsd_I_NY", "\tI_ * q\tsd_I_NY"),
      "observables.tsv, row 2, column 'observableFormula': unknown identifier(s) q"),
     (lambda f: replace_once(f / "problem.yaml", "format_version: 1", "format_version: 3"),
-     "problem.yaml, format_version: format_version '3': only PEtab v1 is supported"),
+     "problem.yaml, format_version: format_version '3': PEtab v1 and v2 are supported"),
 ])
 def test_bad_tables_are_reported_with_file_row_and_column(tmp_path, edit, expected):
     with pytest.raises(cal.PEtabError) as info:
