@@ -94,10 +94,17 @@ def bench_calibrate(name: str, repeats: int) -> dict:
 
 
 def bench_amici(python: str, names, repeats: int) -> dict:
+    return run_amici_side(python, "--repeats", str(repeats), "--rtol", str(RTOL),
+                          "--problems", *names)
+
+
+def run_amici_side(python: str, *arguments: str) -> dict:
+    """`amici_side.py` under the AMICI environment's `python` (its SWIG first on PATH,
+    one thread); returns what it wrote."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         output = handle.name
     command = [python, str(Path(__file__).with_name("amici_side.py")), "--out", output,
-               "--repeats", str(repeats), "--rtol", str(RTOL), "--problems", *names]
+               *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     venv_bin = str(Path(python).parent)
     environment["PATH"] = venv_bin + os.pathsep + environment.get("PATH", "")

@@ -23,17 +23,15 @@ where that would cross its upper bound):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_petab import run_amici_side
 
 
 HERE = Path(__file__).resolve().parent
@@ -117,19 +115,6 @@ def calibrate_side(folder: Path, max_steps: int) -> dict:
     return {"wall_s": wall, "compile_s": log.seconds, "result": result}
 
 
-def amici_side(python: str, folder: Path, individuals: int) -> dict:
-    env = dict(os.environ)
-    bin_dir = str(Path(python).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env["SWIG"] = str(Path(bin_dir) / "swig")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "amici.json"
-        subprocess.run([python, str(HERE / "amici_side.py"), "--out", str(out),
-                        "--population", str(folder), "--individuals", str(individuals)],
-                       check=True, env=env)
-        return json.loads(out.read_text())
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--individuals", type=int, default=100)
@@ -142,15 +127,19 @@ def main():
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    folder = Path(tempfile.mkdtemp(prefix="boehm_population_"))
-    truth = write_problem(folder, args.individuals, args.seed)
-    ours = calibrate_side(folder, args.max_steps)
-    theirs = amici_side(args.amici_python, folder, args.individuals) if args.amici_python \
-        else None
+    with tempfile.TemporaryDirectory(prefix="boehm_population_") as tmp:
+        folder = Path(tmp)
+        truth = write_problem(folder, args.individuals, args.seed)
+        ours = calibrate_side(folder, args.max_steps)
+        theirs = run_amici_side(args.amici_python, "--population", str(folder),
+                                "--individuals", str(args.individuals)) \
+            if args.amici_python else None
     report(args, truth, ours, theirs)
 
 
 def report(args, truth, ours, theirs):
+    import jax
+
     import calibrate as cal
 
     result = ours["result"]
@@ -160,7 +149,7 @@ def report(args, truth, ours, theirs):
         f"`python benchmarks/bench_petab_population.py --individuals {args.individuals}"
         f"{' --amici-python AMICI' if theirs else ''}` on {platform.node()} "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"jax {__import__('jax').__version__}, calibrate {cal.__version__}"
+        f"jax {jax.__version__}, calibrate {cal.__version__}"
         f"{', AMICI ' + theirs['version'] if theirs else ''}.",
         "",
         "| side | what | wall (incl. compile) | compile | converged |",
@@ -186,7 +175,10 @@ def report(args, truth, ours, theirs):
         lines.append(f"| {pid} ({kind}) | {value:.6g} | {rows.estimate.iloc[0]:.6g} |")
     omega = np.sqrt(np.diag(result.omega))
     lines.append(f"| ω | 0.2, 0.2 | {', '.join(f'{w:.3g}' for w in omega)} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    partial = out.with_suffix(".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    os.replace(partial, out)
     print("\n".join(lines))
 
 

@@ -43,7 +43,6 @@ from ._data import DataError, Issue
 from ._modelspec import did_you_mean
 from ._noise import SIGMA_RESIDUAL_SHIFT
 from ._parameters import Parameter, ParameterSpace
-from ._petab_v2 import V2Reader, is_v2, problem_files_v2
 from ._results import RESULTS
 from ._sbml import (
     TIME,
@@ -474,7 +473,7 @@ def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
 
     path = Path(path)
     if not path.is_file():
-        raise PEtabError([Issue(str(path), "PEtab problem file not found")])
+        raise _yaml_error(path, "PEtab problem file not found")
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -482,36 +481,40 @@ def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
         row = None if mark is None else mark.line + 1
         raise PEtabError([Issue(str(path), f"not valid YAML: {error}", row)]) from None
     if not isinstance(content, dict):
-        raise PEtabError([Issue(str(path), "expected a mapping with format_version, "
-                                           "parameter_file and problems")])
+        raise _yaml_error(path, "expected a mapping with format_version, parameter_file "
+                                "and problems")
     version = str(content.get("format_version", ""))
-    if is_v2(version):
+    if version.split(".")[0] == "2":
+        from ._petab_v2 import problem_files_v2
+
         return problem_files_v2(path, content)
     if version not in ("1", "1.0", "1.0.0"):
-        raise PEtabError([Issue(str(path), f"format_version {version!r}: PEtab v1 and v2 "
-                                           "are supported", key="format_version")])
+        raise _yaml_error(path, f"format_version {version!r}: PEtab v1 and v2 are supported",
+                          "format_version")
     problems = content.get("problems")
     if not isinstance(problems, list) or len(problems) != 1:
-        raise PEtabError([Issue(str(path), "expected exactly one entry in 'problems'",
-                                key="problems")])
+        raise _yaml_error(path, "expected exactly one entry in 'problems'", "problems")
     problem = problems[0]
-    base = path.parent
     files = {}
     for key in ("sbml_files", "condition_files", "measurement_files", "observable_files"):
-        value = problem.get(key)
-        if not value:
-            raise PEtabError([Issue(str(path), f"problems[0].{key} is missing",
-                                    key=f"problems[0].{key}")])
-        files[key] = [base / v for v in (value if isinstance(value, list) else [value])]
+        if not problem.get(key):
+            raise _yaml_error(path, f"problems[0].{key} is missing", f"problems[0].{key}")
+        files[key] = _listed_files(path, problem[key])
     if len(files["sbml_files"]) != 1:
-        raise PEtabError([Issue(str(path), "exactly one SBML file is supported",
-                                key="problems[0].sbml_files")])
-    parameter_file = content.get("parameter_file")
-    if not parameter_file:
-        raise PEtabError([Issue(str(path), "parameter_file is missing", key="parameter_file")])
-    files["parameter_file"] = [base / p for p in (
-        parameter_file if isinstance(parameter_file, list) else [parameter_file])]
+        raise _yaml_error(path, "exactly one SBML file is supported", "problems[0].sbml_files")
+    if not content.get("parameter_file"):
+        raise _yaml_error(path, "parameter_file is missing", "parameter_file")
+    files["parameter_file"] = _listed_files(path, content["parameter_file"])
     return files
+
+
+def _yaml_error(path: Path, message: str, key: str | None = None) -> PEtabError:
+    return PEtabError([Issue(str(path), message, key=key)])
+
+
+def _listed_files(path: Path, value) -> list[Path]:
+    """A YAML entry naming one file or a list of them, relative to the YAML file."""
+    return [path.parent / v for v in (value if isinstance(value, list) else [value])]
 
 
 def measurement_table(yaml_path: str | os.PathLike) -> pd.DataFrame:
@@ -545,6 +548,8 @@ class _Loader:
             location = error.location or str(files["sbml_files"][0])
             raise PEtabError([Issue(location, error.detail)]) from None
         if "experiment_files" in files:
+            from ._petab_v2 import V2Reader
+
             tables = V2Reader(files, symbolic.states, self.issues).tables(self.read)
             self.fail_if_issues()
             parameters, conditions, observables, measurements = tables

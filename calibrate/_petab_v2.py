@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._data import Issue
 from ._modelspec import did_you_mean
+from ._petab import _float, _listed_files, _Table, _yaml_error
 
 
 NOISE_DISTRIBUTIONS = {
@@ -56,49 +56,38 @@ PREEQUILIBRATION_SUFFIX = "__preequilibration"
 _LOG_SCALE_SPAN = 100.0
 
 
-def is_v2(version: str) -> bool:
-    return version.split(".")[0] == "2"
-
-
 def problem_files_v2(path: Path, content: dict) -> dict[str, list[Path]]:
     """The files of a v2 problem by role, under the v1 role names where one exists."""
-    from ._petab import PEtabError
-
     if isinstance(content.get("problems"), list):  # drafts nested the file lists
         if len(content["problems"]) != 1:
-            raise PEtabError([Issue(str(path), "expected exactly one entry in 'problems'",
-                                    key="problems")])
+            raise _yaml_error(path, "expected exactly one entry in 'problems'", "problems")
         content = {**content, **content["problems"][0]}
-    base = path.parent
     if content.get("mapping_files"):
-        raise PEtabError([Issue(str(path), "mapping tables are not supported; use the "
-                                           "model's own ids", key="mapping_files")])
+        raise _yaml_error(path, "mapping tables are not supported; use the model's own ids",
+                          "mapping_files")
     required = [name for name, spec in (content.get("extensions") or {}).items()
                 if isinstance(spec, dict) and spec.get("required")]
     if required:
-        raise PEtabError([Issue(str(path), f"required extension(s) {', '.join(required)} "
-                                           "are not supported", key="extensions")])
+        raise _yaml_error(path, f"required extension(s) {', '.join(required)} are not "
+                                "supported", "extensions")
     models = content.get("model_files")
     if not isinstance(models, dict) or len(models) != 1:
-        raise PEtabError([Issue(str(path), "expected exactly one entry in 'model_files'",
-                                key="model_files")])
+        raise _yaml_error(path, "expected exactly one entry in 'model_files'",
+                          "model_files")
     (model_id, model), = models.items()
     language = str((model or {}).get("language", "")).lower()
     if language != "sbml" or not model.get("location"):
-        raise PEtabError([Issue(
-            str(path), f"model {model_id!r}: only SBML models (language: sbml, with a "
-            f"location) are supported, got language {language!r}",
-            key=f"model_files.{model_id}")])
+        raise _yaml_error(path, f"model {model_id!r}: only SBML models (language: sbml, "
+                                "with a location) are supported, got language "
+                                f"{language!r}", f"model_files.{model_id}")
 
     def listed(key, required=True):
-        value = content.get(key) or []
-        value = value if isinstance(value, list) else [value]
-        if required and not value:
-            raise PEtabError([Issue(str(path), f"{key} is missing", key=key)])
-        return [base / v for v in value]
+        if required and not content.get(key):
+            raise _yaml_error(path, f"{key} is missing", key)
+        return _listed_files(path, content.get(key) or [])
 
     return {
-        "sbml_files": [base / model["location"]],
+        "sbml_files": _listed_files(path, model["location"]),
         "parameter_file": listed("parameter_files") if "parameter_files" in content
         else listed("parameter_file"),
         "condition_files": listed("condition_files", required=False),
@@ -118,7 +107,9 @@ class V2Reader:
         self.issues = issues
 
     def tables(self, read):
-        """`read(files, required)` reads and concatenates tables (`_Loader.read`)."""
+        """`read(files, required)` reads and concatenates tables (`_Loader.read`); None
+        when one cannot be read (the reason is in `issues`)."""
+        unread = len(self.issues)
         parameters = read(self.files["parameter_file"], (
             "parameterId", "lowerBound", "upperBound", "estimate"))
         observables = read(self.files["observable_files"], (
@@ -131,9 +122,7 @@ class V2Reader:
         experiments = (read(self.files["experiment_files"], (
             "experimentId", "time", "conditionId"))
             if self.files["experiment_files"] else None)
-        if any(t is None for t in (parameters, observables, measurements)) or (
-                self.files["condition_files"] and conditions is None) or (
-                self.files["experiment_files"] and experiments is None):
+        if len(self.issues) > unread:
             return None
         parameters = self.parameters(parameters)
         changes = self.conditions(conditions, set(parameters.frame["parameterId"]))
@@ -152,9 +141,11 @@ class V2Reader:
                 row["estimate"].lower())
             if estimate is None:
                 self.issues.append(table.issue(
-                    f"estimate must be true or false, got {row['estimate']!r}", i, "estimate"))
+                    f"estimate must be true or false, got {row['estimate']!r}", i,
+                    "estimate"))
                 estimate = "0"
-            lo, hi = _number(row["lowerBound"], -math.inf), _number(row["upperBound"], math.inf)
+            lo = _float(row["lowerBound"] or "-inf")
+            hi = _float(row["upperBound"] or "inf")
             if has_scale and row["parameterScale"]:
                 scale = row["parameterScale"]
             elif estimate == "1" and lo is not None and hi is not None and 0 < lo and (
@@ -170,7 +161,8 @@ class V2Reader:
             if kind and kind not in PRIOR_DISTRIBUTIONS:
                 self.issues.append(table.issue(
                     f"priorDistribution {kind!r} is not supported; supported: "
-                    f"{', '.join(PRIOR_DISTRIBUTIONS)}{did_you_mean(kind, PRIOR_DISTRIBUTIONS)}",
+                    f"{', '.join(PRIOR_DISTRIBUTIONS)}"
+                    f"{did_you_mean(kind, PRIOR_DISTRIBUTIONS)}",
                     i, "priorDistribution"))
                 kind = ""
             scales.append(scale)
@@ -182,7 +174,7 @@ class V2Reader:
         frame["nominalValue"] = nominals
         frame["objectivePriorType"] = prior_types
         frame["objectivePriorParameters"] = frame.get("priorParameters", "")
-        return type(table)(frame, table.path)
+        return _Table(frame, table.path)
 
     # -- conditions and experiments -------------------------------------------------------
 
@@ -199,11 +191,11 @@ class V2Reader:
             if target in targets:
                 self.issues.append(table.issue(
                     f"condition {cid!r} changes {target!r} twice", i, "targetId"))
-            if _number(value, None) is None and not (
+            if _float(value) is None and not (
                     value.isidentifier() and value in parameter_ids):
                 self.issues.append(table.issue(
-                    f"targetValue {value!r} must be a number or a parameter of the parameter "
-                    "table (math expressions are not supported)"
+                    f"targetValue {value!r} must be a number or a parameter of the "
+                    "parameter table (math expressions are not supported)"
                     f"{did_you_mean(value, parameter_ids) if value.isidentifier() else ''}",
                     i, "targetValue"))
             targets[target] = value
@@ -216,7 +208,7 @@ class V2Reader:
             return periods
         rows: dict[str, list[tuple[float, str, int]]] = {}
         for i, row in table.frame.iterrows():
-            time = _number(row["time"], None)
+            time = _float(row["time"])
             if time is None or time == math.inf:
                 self.issues.append(table.issue(
                     f"time {row['time']!r} is not a number or -inf", i, "time"))
@@ -235,7 +227,7 @@ class V2Reader:
                 self.issues.append(table.issue(
                     f"experiment {eid!r} applies two conditions at the same time", first,
                     "time"))
-            elif [t for t in times if t != -math.inf] != [0.0] or len(times) > 2:
+            elif [t for t in times if t != -math.inf] != [0.0]:
                 self.issues.append(table.issue(
                     f"experiment {eid!r} has periods starting at "
                     f"{', '.join(str(t) for t in times)}; supported are one period from "
@@ -261,10 +253,7 @@ class V2Reader:
         frame = pd.DataFrame(
             [{"conditionId": cid, **{t: r.get(t, "") for t in targets}}
              for cid, r in rows.items()], columns=["conditionId", *targets], dtype=str)
-        path = table.path if table is not None else str(self.files["parameter_file"][0])
-        from ._petab import _Table
-
-        return _Table(frame, path)
+        return _Table(frame, table.path if table is not None else "(no condition table)")
 
     def preequilibration_id(self, periods, pre):
         return pre if pre not in periods else pre + PREEQUILIBRATION_SUFFIX
@@ -280,7 +269,8 @@ class V2Reader:
             if kind not in NOISE_DISTRIBUTIONS:
                 self.issues.append(table.issue(
                     f"noiseDistribution {kind!r} is not one of "
-                    f"{', '.join(NOISE_DISTRIBUTIONS)}{did_you_mean(kind, NOISE_DISTRIBUTIONS)}",
+                    f"{', '.join(NOISE_DISTRIBUTIONS)}"
+                    f"{did_you_mean(kind, NOISE_DISTRIBUTIONS)}",
                     i, "noiseDistribution"))
                 kind = "normal"
             transformation, distribution = NOISE_DISTRIBUTIONS[kind]
@@ -298,13 +288,14 @@ class V2Reader:
                         self.issues.append(table.issue(
                             f"placeholder {name!r} is not a valid identifier", i, column))
                         continue
-                    pattern = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])")
+                    pattern = re.compile(
+                        rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])")
                     for target in targets:
                         frame.at[i, target] = pattern.sub(f"{kind_name}{k}_{oid}",
                                                           frame.at[i, target])
         frame["observableTransformation"] = transformations
         frame["noiseDistribution"] = distributions
-        return type(table)(frame, table.path)
+        return _Table(frame, table.path)
 
     def measurements(self, table, periods):
         frame = table.frame.copy()
@@ -319,16 +310,9 @@ class V2Reader:
                 key = MODEL_AS_IS
             pre = periods[key][0]
             simulation.append(key)
-            preequilibration.append("" if pre is None else self.preequilibration_id(periods, pre))
+            preequilibration.append(
+                "" if pre is None else self.preequilibration_id(periods, pre))
         frame["simulationConditionId"] = simulation
         frame["preequilibrationConditionId"] = preequilibration
-        return type(table)(frame, table.path)
+        return _Table(frame, table.path)
 
-
-def _number(text: str, missing: float | None) -> float | None:
-    if text == "":
-        return missing
-    try:
-        return float(text)
-    except ValueError:
-        return None

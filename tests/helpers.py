@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +47,14 @@ def replace_once(path, old, new):
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
     path.write_text(text.replace(old, new, 1))
+
+
+def edited_copy(source, destination, edit=None, ignore=None):
+    """Copy the problem folder `source` into `destination`, apply `edit(folder)` and
+    return the copy's YAML file."""
+    folder = destination / source.name
+    shutil.copytree(source, folder, ignore=ignore)
+    if edit is not None:
+        edit(folder)
+    (yaml,) = folder.glob("*.yaml")
+    return yaml

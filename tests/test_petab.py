@@ -14,7 +14,7 @@ import pytest
 
 import calibrate as cal
 from calibrate._compilation import compilation
-from helpers import invoke_cli, replace_once
+from helpers import edited_copy, invoke_cli, replace_once
 
 
 DATA = Path(__file__).parent / "data" / "petab"
@@ -141,10 +141,7 @@ def test_priors_add_their_negative_log_density(tmp_path):
 
 
 def _broken_copy(tmp_path, edit):
-    folder = tmp_path / "Bertozzi_PNAS2020"
-    shutil.copytree(DATA / "Bertozzi_PNAS2020", folder)
-    edit(folder)
-    return folder / "problem.yaml"
+    return edited_copy(DATA / "Bertozzi_PNAS2020", tmp_path, edit)
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import calibrate as cal
-from helpers import invoke_cli, replace_once
+from helpers import edited_copy, invoke_cli, replace_once
 
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "petab_population"
@@ -29,11 +29,7 @@ def _generator():
 
 
 def _copy(tmp_path, edit=None):
-    folder = tmp_path / "problem"
-    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("*.py"))
-    if edit is not None:
-        edit(folder)
-    return folder / "problem.yaml"
+    return edited_copy(EXAMPLE, tmp_path, edit, ignore=shutil.ignore_patterns("*.py"))
 
 
 def _edit_table(name, change):
@@ -55,13 +51,13 @@ def test_matches_the_native_population_calibrator(tmp_path, zoo):
     """The example's model is the zoo's reference model (x' = -x + p u(t), x(0) = q,
     with dose 1): the PEtab route and the native one give the same outer objective,
     hypergradient and inner solutions at the start."""
-    problem = cal.load_petab(_copy(tmp_path, _edit_table("measurements.tsv",
-                                                          _single_dose_only)))
+    path = _copy(tmp_path, _edit_table("measurements.tsv", _single_dose_only))
+    problem = cal.load_petab(path)
     method = cal.Implicit(curvature=cal.ForwardHessian())
     petab = cal.population_setup(problem)
     from_petab = petab.evaluate(method, petab.theta, petab.starts)
 
-    rows = pd.read_csv(tmp_path / "problem" / "measurements.tsv", sep="\t")
+    rows = pd.read_csv(path.parent / "measurements.tsv", sep="\t")
     data = cal.dataset_from_frame(pd.DataFrame({
         "individual": rows.individualId, "time": rows.time, "observable": "x",
         "value": rows.measurement}), observables=["x"])
@@ -185,9 +181,9 @@ def test_population_needs_the_extension(tmp_path):
         _edit_table("measurements.tsv", lambda f: f.drop(columns="individualId"))(folder)
         _edit_table("parameters.tsv", _without_population_columns)(folder)
 
-    problem = cal.load_petab(_copy(tmp_path, plain))
+    path = _copy(tmp_path, plain)
+    problem = cal.load_petab(path)
     with pytest.raises(cal.PEtabError, match="the problem has no individuals"):
         cal.calibrate_population(problem)
-    run = invoke_cli("fit", tmp_path / "problem" / "problem.yaml", "--out", tmp_path / "o",
-                  "--resume")
+    run = invoke_cli("fit", path, "--out", tmp_path / "o", "--resume")
     assert run.exit_code == 2 and "--resume: only a population" in run.output

@@ -2,7 +2,6 @@
 give AMICI's reference likelihoods and gradients of their v1 originals, and bad v2
 tables are reported with file, row and column."""
 
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,13 +10,15 @@ import pandas as pd
 import pytest
 
 import calibrate as cal
-from helpers import invoke_cli, replace_once
+from calibrate._petab import problem_files
+from helpers import edited_copy, invoke_cli, replace_once
 from test_petab import (
     DATA,
     REFERENCE,
     SLOW,
     SOLVERS,
     TOLERANCES,
+    _evaluate,
     _max_relative,
     _value_and_gradient,
     _vector,
@@ -34,10 +35,14 @@ def yaml_of(name):
     return next((DATA_V2 / name).glob("*.yaml"))
 
 
-def load_v2(name, path=None):
+def load_v2(name):
+    return load_v2_from(name, yaml_of(name))
+
+
+def load_v2_from(name, path):
     rtol, atol = TOLERANCES[name]
     return cal.load_petab(
-        path or yaml_of(name),
+        path,
         integrator=cal.Integrator(solver=SOLVERS.get(name), rtol=rtol, atol=atol,
                                   max_steps=100_000),
         steady_state_tolerances=(1e-12, 1e-14),
@@ -45,12 +50,8 @@ def load_v2(name, path=None):
 
 
 def v1_scales(name):
-    table = None
-    folder = (DATA / REFERENCE[name]["yaml"]).parent
-    for path in folder.glob("*.tsv"):
-        frame = pd.read_csv(path, sep="\t")
-        if "parameterScale" in frame.columns:
-            table = frame.set_index("parameterId")["parameterScale"]
+    (path,) = problem_files(DATA / REFERENCE[name]["yaml"])["parameter_file"]
+    table = pd.read_csv(path, sep="\t").set_index("parameterId")["parameterScale"]
     return [table[p] for p in REFERENCE[name]["par_ids_estimated"]]
 
 
@@ -85,21 +86,28 @@ def test_v2_problem_matches_amici_reference(name):
         assert _max_relative(gradient, expected) < 1e-4
 
 
-def test_v2_scales_and_starts_follow_the_bounds():
+def test_v2_scales_and_starts_follow_the_bounds(tmp_path):
     """Without parameterScale, estimated parameters with positive bounds spanning two
     decades are fitted on log10, the rest on their value; an estimated parameter
     without nominalValue starts at the midpoint of its bounds on that scale."""
-    problem = load_v2("Bertozzi_PNAS2020")  # bounds within a factor of 10: linear
-    assert set(np.asarray(problem.estimated_scale)) == {0}
-    boehm = load_v2("Boehm_JProteomeRes2014")  # bounds 1e-5 .. 1e5: log10
-    assert set(np.asarray(boehm.estimated_scale)) == {2}
+    cases = (  # problem, scale, parameter, its row's nominalValue blanked, midpoint
+        ("Bertozzi_PNAS2020", 0, "R0_NY", ("R0_NY\t1.5\t5.0\t1.5\t", "R0_NY\t1.5\t5.0\t\t"),
+         3.25),
+        ("Boehm_JProteomeRes2014", 2, "Epo_degradation_BaF3",
+         ("100000\t0.026982514033029\t", "100000\t\t"), 1.0),
+    )
+    for name, scale, pid, (old, new), midpoint in cases:
+        path = edited_copy(DATA_V2 / name, tmp_path, lambda f, old=old, new=new:
+                           replace_once(next(f.glob("parameters*.tsv")), old, new))
+        problem = cal.load_petab(path)
+        assert set(np.asarray(problem.estimated_scale)) == {scale}
+        theta = np.asarray(problem.theta(problem.nominal_x()))
+        np.testing.assert_allclose(theta[problem.parameter_ids.index(pid)], midpoint,
+                                   rtol=1e-12)
 
 
 def _copy(tmp_path, name, edit):
-    folder = tmp_path / name
-    shutil.copytree(DATA_V2 / name, folder)
-    edit(folder)
-    return next(folder.glob("*.yaml"))
+    return edited_copy(DATA_V2 / name, tmp_path, edit)
 
 
 def test_preequilibration_parameters_carry_over_into_the_main_period(tmp_path):
@@ -119,6 +127,27 @@ def test_preequilibration_parameters_carry_over_into_the_main_period(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(original.condition_parameters.value)[:, k][
             list(original.condition_ids).index("experiment__Dose_0___Dose_1")], 0.3)
+
+
+def test_named_placeholders_are_filled_in_their_order(tmp_path):
+    """Placeholders named freely in observablePlaceholders/noisePlaceholders take the
+    measurement table's values in the order they are listed."""
+    name = "Elowitz_Nature2000"
+    table = f"observables_{name}.tsv"
+
+    def rename(folder):
+        for old, new in (("observableParameter1_fluorescence", "offset"),
+                         ("observableParameter2_fluorescence", "gain"),
+                         ("noiseParameter1_fluorescence", "spread")):
+            text = (folder / table).read_text()
+            assert old in text
+            (folder / table).write_text(text.replace(old, new))
+
+    renamed = load_v2_from(name, edited_copy(DATA_V2 / name, tmp_path, rename))
+    original = load_v2(name)
+    x = original.nominal_x()
+    np.testing.assert_allclose(float(_evaluate(renamed, x)[0]),
+                               float(_evaluate(original, x)[0]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("edit, expected", [
