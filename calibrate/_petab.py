@@ -625,6 +625,11 @@ class _Loader:
                 self.issues.append(table.issue(
                     f"nominalValue {nominal} lies outside [{lo}, {hi}]", r["row"],
                     "nominalValue"))
+            elif r["estimate"] and not math.isfinite(nominal) and not (
+                    math.isfinite(lo) and math.isfinite(hi)):
+                self.issues.append(table.issue(
+                    f"nominalValue is missing and the bounds [{lo}, {hi}] have no midpoint "
+                    "to start from", r["row"], "nominalValue"))
         return rows
 
     def population_role(self, table, i, row) -> PopulationRole | None:
@@ -696,7 +701,10 @@ class _Loader:
                  integrator, sensitivity, steady_state_tolerances) -> PEtabProblem:
         parameter_ids = [r["id"] for r in parameter_rows]
         theta_index = {pid: j for j, pid in enumerate(parameter_ids)}
-        nominal = np.array([r["nominalValue"] for r in parameter_rows], float)
+        # An estimated parameter without a nominal value starts mid-range on its scale.
+        nominal = np.array([r["nominalValue"] if math.isfinite(r["nominalValue"])
+                            or not r["estimate"] else _midpoint(r)
+                            for r in parameter_rows], float)
         estimated = [r for r in parameter_rows if r["estimate"]]
         model_parameters = list(symbolic.parameters)
         model_index = {n: k for k, n in enumerate(model_parameters)}
@@ -920,8 +928,8 @@ class _Loader:
             [r["prior"][1] if r["prior"] else [0.0, 1.0] for r in estimated], float
         ).reshape(len(estimated), 2)
         space = ParameterSpace([
-            Parameter(r["id"], r["nominalValue"] if math.isfinite(r["nominalValue"])
-                      else _midpoint(r), r["lowerBound"], r["upperBound"], r["scale"])
+            Parameter(r["id"], float(nominal[theta_index[r["id"]]]), r["lowerBound"],
+                      r["upperBound"], r["scale"])
             for r in estimated
         ])
         transformation_codes = np.array([transformation[observable_ids[o]]

@@ -153,10 +153,8 @@ class V2Reader:
                 scale = "log10"
             else:
                 scale = "lin"
-            nominal = row.get("nominalValue", "")
-            if nominal == "" and estimate == "1" and lo is not None and hi is not None and (
-                    math.isfinite(lo) and math.isfinite(hi)):
-                nominal = repr(math.sqrt(lo * hi) if scale != "lin" else 0.5 * (lo + hi))
+            # The v1 assembly starts such a parameter mid-range.
+            nominal = row.get("nominalValue", "") or ("nan" if estimate == "1" else "")
             kind = row.get("priorDistribution", "")
             if kind and kind not in PRIOR_DISTRIBUTIONS:
                 self.issues.append(table.issue(

@@ -172,6 +172,9 @@ def test_named_placeholders_are_filled_in_their_order(tmp_path):
      "'log-normal'?)"),
     (lambda f: replace_once(f / "parameters.tsv", "\ttrue", "\tyes"),
      "parameters.tsv, row 2, column 'estimate': estimate must be true or false, got 'yes'"),
+    (lambda f: replace_once(f / "parameters.tsv", "R0_NY\t1.5\t5.0\t1.5\t", "R0_NY\t1.5\t\t\t"),
+     "parameters.tsv, row 2, column 'nominalValue': nominalValue is missing and the bounds "
+     "[1.5, inf] have no midpoint to start from"),
     (lambda f: replace_once(f / "problem.yaml", "mapping_files: []", "mapping_files: [m.tsv]"),
      "problem.yaml, mapping_files: mapping tables are not supported"),
 ])
