@@ -88,6 +88,11 @@ class _Table:
         # Spreadsheet numbering: header is row 1.
         return Issue(self.path, message, None if row is None else row + 2, column)
 
+    def not_one_of(self, value, choices, row, column) -> Issue:
+        """The `column` of `row` holds `value`, which is none of `choices`."""
+        return self.issue(f"{column} {value!r} is not one of {', '.join(choices)}"
+                          f"{did_you_mean(value, choices)}", row, column)
+
 
 def _read_tsv(path: Path, required: Sequence[str], issues: list[Issue]) -> _Table | None:
     if not path.is_file():
@@ -489,8 +494,8 @@ def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
 
         return problem_files_v2(path, content)
     if version not in ("1", "1.0", "1.0.0"):
-        raise _yaml_error(path, f"format_version {version!r}: PEtab v1 and v2 are supported",
-                          "format_version")
+        raise _yaml_error(path, f"format_version {version!r}: PEtab v1 and v2 are "
+                                "supported", "format_version")
     problems = content.get("problems")
     if not isinstance(problems, list) or len(problems) != 1:
         raise _yaml_error(path, "expected exactly one entry in 'problems'", "problems")
@@ -501,7 +506,8 @@ def problem_files(path: str | os.PathLike) -> dict[str, list[Path]]:
             raise _yaml_error(path, f"problems[0].{key} is missing", f"problems[0].{key}")
         files[key] = _listed_files(path, problem[key])
     if len(files["sbml_files"]) != 1:
-        raise _yaml_error(path, "exactly one SBML file is supported", "problems[0].sbml_files")
+        raise _yaml_error(path, "exactly one SBML file is supported",
+                          "problems[0].sbml_files")
     if not content.get("parameter_file"):
         raise _yaml_error(path, "parameter_file is missing", "parameter_file")
     files["parameter_file"] = _listed_files(path, content["parameter_file"])
@@ -590,9 +596,8 @@ class _Loader:
                     i, "parameterId"))
             scale = row["parameterScale"]
             if scale not in TRANSFORMATIONS:
-                self.issues.append(table.issue(
-                    f"parameterScale {scale!r} is not one of {', '.join(TRANSFORMATIONS)}",
-                    i, "parameterScale"))
+                self.issues.append(table.not_one_of(scale, TRANSFORMATIONS, i,
+                                                    "parameterScale"))
             estimate = row["estimate"]
             if estimate not in ("0", "1"):
                 self.issues.append(table.issue(f"estimate must be 0 or 1, got {estimate!r}",
@@ -645,11 +650,8 @@ class _Loader:
                     "populationSd"))
             return None if row["estimate"] != "1" else PopulationRole(pid, "fixed")
         if kind not in POPULATION_DISTRIBUTIONS:
-            self.issues.append(table.issue(
-                f"populationDistribution {kind!r} is not one of "
-                f"{', '.join(POPULATION_DISTRIBUTIONS)}"
-                f"{did_you_mean(kind, POPULATION_DISTRIBUTIONS)}", i,
-                "populationDistribution"))
+            self.issues.append(table.not_one_of(kind, POPULATION_DISTRIBUTIONS, i,
+                                                "populationDistribution"))
             return None
         if row["estimate"] != "1":
             self.issues.append(table.issue(
@@ -682,9 +684,7 @@ class _Loader:
         if _is_missing(kind):
             return None
         if kind not in PRIORS:
-            self.issues.append(table.issue(
-                f"objectivePriorType {kind!r} is not one of {', '.join(PRIORS)}"
-                f"{did_you_mean(kind, PRIORS)}", i, "objectivePriorType"))
+            self.issues.append(table.not_one_of(kind, PRIORS, i, "objectivePriorType"))
             return None
         text = row.get("objectivePriorParameters", "")
         values = [_float(v) for v in text.split(";")] if text else []
@@ -811,14 +811,12 @@ class _Loader:
             trans = row.get("observableTransformation", "") or "lin"
             dist = row.get("noiseDistribution", "") or "normal"
             if trans not in TRANSFORMATIONS:
-                self.issues.append(observables.issue(
-                    f"observableTransformation {trans!r} is not one of "
-                    f"{', '.join(TRANSFORMATIONS)}", i, "observableTransformation"))
+                self.issues.append(observables.not_one_of(trans, TRANSFORMATIONS, i,
+                                                          "observableTransformation"))
                 trans = "lin"
             if dist not in DISTRIBUTIONS:
-                self.issues.append(observables.issue(
-                    f"noiseDistribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}",
-                    i, "noiseDistribution"))
+                self.issues.append(observables.not_one_of(dist, DISTRIBUTIONS, i,
+                                                          "noiseDistribution"))
                 dist = "normal"
             transformation[oid] = TRANSFORMATIONS.index(trans)
             distribution[oid] = DISTRIBUTIONS.index(dist)

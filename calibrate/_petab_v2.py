@@ -157,11 +157,8 @@ class V2Reader:
             nominal = row.get("nominalValue", "") or ("nan" if estimate == "1" else "")
             kind = row.get("priorDistribution", "")
             if kind and kind not in PRIOR_DISTRIBUTIONS:
-                self.issues.append(table.issue(
-                    f"priorDistribution {kind!r} is not supported; supported: "
-                    f"{', '.join(PRIOR_DISTRIBUTIONS)}"
-                    f"{did_you_mean(kind, PRIOR_DISTRIBUTIONS)}",
-                    i, "priorDistribution"))
+                self.issues.append(table.not_one_of(kind, PRIOR_DISTRIBUTIONS, i,
+                                                    "priorDistribution"))
                 kind = ""
             scales.append(scale)
             estimates.append(estimate)
@@ -265,11 +262,8 @@ class V2Reader:
             oid = row["observableId"]
             kind = row.get("noiseDistribution", "") or "normal"
             if kind not in NOISE_DISTRIBUTIONS:
-                self.issues.append(table.issue(
-                    f"noiseDistribution {kind!r} is not one of "
-                    f"{', '.join(NOISE_DISTRIBUTIONS)}"
-                    f"{did_you_mean(kind, NOISE_DISTRIBUTIONS)}",
-                    i, "noiseDistribution"))
+                self.issues.append(table.not_one_of(kind, NOISE_DISTRIBUTIONS, i,
+                                                    "noiseDistribution"))
                 kind = "normal"
             transformation, distribution = NOISE_DISTRIBUTIONS[kind]
             if row.get("observableTransformation", ""):  # draft column, kept if given
