@@ -33,7 +33,9 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "petab"
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--problems", nargs="+", default=[])
+    parser.add_argument("--problems", nargs="*", default=[])
+    parser.add_argument("--yaml", nargs="*", default=[], metavar="NAME=YAML",
+                        help="further problems by their YAML file")
     parser.add_argument("--population")
     parser.add_argument("--individuals", type=int)
     parser.add_argument("--repeats", type=int, default=10)
@@ -58,8 +60,10 @@ def main():
         return
     reference = json.loads((DATA / "reference.json").read_text())
     out = {"version": amici.__version__, "atol": None, "problems": {}}
-    for name in args.problems:
-        problem = petab.Problem.from_yaml(DATA / reference[name]["yaml"])
+    yamls = {name: DATA / reference[name]["yaml"] for name in args.problems}
+    yamls.update(item.split("=", 1) for item in args.yaml)
+    for name, yaml in yamls.items():
+        problem = petab.Problem.from_yaml(yaml)
         started = time.perf_counter()
         model = import_petab_problem(problem, output_dir=str(models / name),
                                      verbose=logging.ERROR)

@@ -6,7 +6,9 @@ Run from the repository root:
     python benchmarks/bench_petab.py --out benchmarks/RESULTS_petab.md \
         [--amici-python /path/to/amici-venv/bin/python] [--multistart 16]
 
-For each problem in ``tests/data/petab`` (all five by default, ``--problems`` to pick):
+For each problem in ``tests/data/petab`` (all five by default, ``--problems`` to pick,
+where ``mapk_cascade`` names the zoo cascade written as PEtab by ``zoo_petab.py``, whose
+likelihood and gradient are first checked against the zoo model's own):
 
 1. calibrate: import time (``load_petab``: SBML and tables to compiled JAX code),
    compile time (lower + compile) and run time (median of ``--repeats`` after one
@@ -65,19 +67,45 @@ def _timed(function, *args, repeats):
     return compile_seconds, statistics.median(runs), out
 
 
+ZOO = {"mapk_cascade": "write_mapk_cascade"}
+_ZOO_FOLDER = Path(tempfile.mkdtemp(prefix="calibrate_zoo_petab_"))
+
+
+def problem_yaml(name: str) -> Path:
+    """The YAML file of a collection problem, or of a zoo model written as PEtab."""
+    if name in ZOO:
+        import zoo_petab
+
+        yaml = _ZOO_FOLDER / name / f"{name}.yaml"
+        return yaml if yaml.exists() else getattr(zoo_petab, ZOO[name])(yaml.parent)
+    return DATA / json.loads((DATA / "reference.json").read_text())[name]["yaml"]
+
+
 def bench_calibrate(name: str, repeats: int) -> dict:
     import calibrate as cal
 
-    reference = json.loads((DATA / "reference.json").read_text())[name]
+    integrator = cal.Integrator(rtol=RTOL, atol=ATOL)
+    yaml = problem_yaml(name)
     started = time.perf_counter()
-    problem = cal.load_petab(DATA / reference["yaml"],
-                             integrator=cal.Integrator(rtol=RTOL, atol=ATOL))
+    problem = cal.load_petab(yaml, integrator=integrator)
     import_seconds = time.perf_counter() - started
     x = problem.nominal_x()
     row = {"import_s": import_seconds}
     c, r, (value, result) = _timed(lambda p, x: p.evaluate(x), problem, x, repeats=repeats)
+    if name in ZOO:
+        import zoo_petab
+
+        # The reference is the zoo model itself, which must give the same numbers.
+        nll, sensitivity, _ = zoo_petab.zoo_nll(integrator)
+        reference = float(jax.jit(nll)(x))
+        row["zoo_nllh_difference"], row["zoo_gradient_difference"] = (
+            zoo_petab.check_against_zoo(problem, integrator))
+        _, row["zoo_grad_forward_s"], _ = _timed(
+            lambda x: sensitivity.value_and_grad_fn(nll)(x), x, repeats=repeats)
+    else:
+        reference = json.loads((DATA / "reference.json").read_text())[name]["nllh_nominal"]
     row.update(simulate_compile_s=c, simulate_s=r, nllh=float(value),
-               nllh_reference=reference["nllh_nominal"], status=cal.result_name(result))
+               nllh_reference=reference, status=cal.result_name(result))
     for label, sensitivity in (("forward", cal.ForwardMode()),
                                ("discrete_adjoint", cal.DiscreteAdjoint()),
                                ("continuous_adjoint", cal.ContinuousAdjoint())):
@@ -94,8 +122,10 @@ def bench_calibrate(name: str, repeats: int) -> dict:
 
 
 def bench_amici(python: str, names, repeats: int) -> dict:
+    zoo = [f"{n}={problem_yaml(n)}" for n in names if n in ZOO]
     return run_amici_side(python, "--repeats", str(repeats), "--rtol", str(RTOL),
-                          "--problems", *names)
+                          "--problems", *[n for n in names if n not in ZOO],
+                          *(["--yaml", *zoo] if zoo else []))
 
 
 def run_amici_side(python: str, *arguments: str) -> dict:
@@ -169,6 +199,13 @@ def render(rows: dict, amici: dict | None, multistart: dict | None, started) -> 
             f"{_fmt(row.get('grad_forward_s'))} | "
             f"{_fmt(row.get('grad_discrete_adjoint_s'))} | "
             f"{_fmt(row.get('grad_continuous_adjoint_s'))} |")
+    for name, row in rows.items():
+        if "zoo_grad_forward_s" in row:
+            lines.append(
+                f"\n{name}: the zoo model written as PEtab (`zoo_petab.py`) and imported "
+                f"gives the zoo model's likelihood to {row['zoo_nllh_difference']:.1e} and "
+                f"gradient to {row['zoo_gradient_difference']:.1e} (relative); the zoo "
+                f"model's own ForwardMode gradient takes {_fmt(row['zoo_grad_forward_s'])}.")
     errors = {(n, k): v for n, r in rows.items() for k, v in r.items() if k.endswith("_error")}
     for (name, key), text in errors.items():
         lines.append(f"\n{name} {key}: {text}")

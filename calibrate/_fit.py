@@ -27,7 +27,7 @@ from ._model import AbstractODEModel
 from ._objective import Objective
 from ._parameters import ParameterSpace
 from ._results import RESULTS, result_message, result_name
-from ._sensitivity import AbstractSensitivity, ForwardMode
+from ._sensitivity import AbstractSensitivity, ForwardMode, with_materialised_jacobian
 from ._simulate import Integrator
 
 
@@ -144,6 +144,8 @@ def solve_optimum(solver, x0, args, *, sensitivity: AbstractSensitivity, max_ste
     if isinstance(solver, optx.AbstractLeastSquaresSolver):
         if residuals is None:
             raise ValueError(f"a least-squares {what} needs residuals")
+        if sensitivity.mode == "forward":
+            residuals = with_materialised_jacobian(residuals)
         solution = optx.least_squares(
             residuals, solver, x0, args=args, max_steps=max_steps, throw=False,
             options={"jac": "fwd" if sensitivity.mode == "forward" else "bwd"},

@@ -91,6 +91,14 @@ class BilevelProblem(eqx.Module):
       (`AbstractPenalty.kink_curvature`), used to detect kinks.
     - `kink_tolerance`: a component whose share of curvature from those terms lies in
       `(kink_tolerance, 1 - kink_tolerance)` is reported as at a kink.
+    - `local_model`: optional $(p, \theta, \text{args}, \text{second\_order}) \mapsto
+      \text{args}'$: arguments with which both losses evaluate a polynomial model of
+      themselves around $(p, \theta)$, exact there in value and first derivatives and,
+      with `second_order`, in $\nabla^2_{pp}$ and $\nabla^2_{p\theta}$. `Implicit`
+      differentiates that model instead of the losses, so that one pass through their
+      expensive part (an ODE solve carrying every tangent at once) supplies all the
+      derivatives it takes, instead of one pass per derivative. The model is built
+      from values, not traced: the hypergradient is then not itself differentiable.
     """
 
     outer_loss: InnerLoss
@@ -101,6 +109,7 @@ class BilevelProblem(eqx.Module):
     sensitivity: AbstractSensitivity = DirectDifferentiation()
     kink_curvature: InnerLoss | None = None
     kink_tolerance: float = eqx.field(static=True, default=0.01)
+    local_model: Callable[..., Any] | None = None
 
     def __check_init__(self):
         if (self.inner_loss is None) == (self.inner_residuals is None):
@@ -492,6 +501,8 @@ class Implicit(AbstractHypergradient):
     def at_optimum(self, problem, p, theta, args, *, inner_result=None, inner_steps=None):
         """The hypergradient given the inner optimum $p^*$ (no inner solve)."""
         sensitivity = problem.sensitivity
+        if problem.local_model is not None:
+            args = problem.local_model(p, theta, args, bool(self.curvature.needs))
         outer = lambda q, th: problem.outer_loss(q, th, args)
         outer_value, (grad_p_outer, grad_theta_outer) = sensitivity.value_and_grad_fn(
             outer, (0, 1)

@@ -72,7 +72,7 @@ from ._petab_population import (
     require_population,
 )
 from ._results import result_name
-from ._sensitivity import AbstractSensitivity, ForwardMode, nested_mode
+from ._sensitivity import FORWARD_OVER_FORWARD, AbstractSensitivity, ForwardMode, nested_mode
 from ._simulate import Integrator
 
 
@@ -256,8 +256,61 @@ class PopulationProblem(eqx.Module):
     def has_residual_form(self) -> bool:
         return self.hierarchy.penalty is None or isinstance(self.hierarchy.penalty, L2)
 
+    @property
+    def varied_names(self) -> tuple[str, ...]:
+        """The model parameters that vary with $(u, \\theta)$, those that vary with
+        $u$ first."""
+        h = self.hierarchy
+        return (*h.random, *h.individual, *h.fixed)
+
+    def varied(self, u, theta) -> Float[Array, " n_v"]:
+        """Natural-scale values of `varied_names`."""
+        values = self.params(u, theta)
+        return jnp.stack([jnp.asarray(values[n], float) for n in self.varied_names])
+
     def data_terms(self, u, theta, data, inputs):
+        if isinstance(data, LocalExpansion):
+            return data(self.varied(u, theta))
         return self.objective.evaluate_params(self.params(u, theta), data, inputs)
+
+    def expand(self, u, theta, data, inputs, second_order: bool) -> "LocalExpansion":
+        """`data`'s terms expanded around the individual's parameters at $(u, \\theta)$:
+        one solve carrying $n_v$ tangents, or with `second_order` $n_v(1 + n_u)$."""
+        names = self.varied_names
+        n_u = u.size
+
+        def terms(v):
+            values = {**self.constants, **dict(zip(names, v))}
+            r, nll, result = self.objective.evaluate_params(values, data, inputs)
+            return (r, nll), (r, nll, result)
+
+        v0 = jax.lax.stop_gradient(self.varied(u, theta))
+        if not second_order:
+            (jacobian, nll_gradient), (r, nll, result) = jax.jacfwd(terms, has_aux=True)(v0)
+            return LocalExpansion(v0, r, jacobian, None, nll, nll_gradient, result)
+
+        def with_u_jacobian(v):
+            def residuals_of_u(w):
+                r, nll, result = terms(jnp.concatenate([w, v[n_u:]]))[1]
+                return r, (r, nll, result)
+
+            jacobian_u, (r, nll, result) = jax.jacfwd(residuals_of_u, has_aux=True)(v[:n_u])
+            return (r, nll, jacobian_u), (r, nll, result)
+
+        (jacobian, nll_gradient, second), (r, nll, result) = jax.jacfwd(
+            with_u_jacobian, has_aux=True)(v0)
+        return LocalExpansion(v0, r, jacobian, second, nll, nll_gradient, result)
+
+    def local_model(self, u, theta, args, second_order: bool):
+        """`BilevelProblem.local_model`: the data replaced by their expansions. The
+        Laplace objective differentiates $J_\\eta$, so needs the second order anyway."""
+        train, held_out, inputs = args
+        u, theta = jax.lax.stop_gradient((u, theta))
+        second_order = second_order or isinstance(self.outer, Laplace)
+        train = self.expand(u, theta, train, inputs, second_order)
+        if held_out is not None:
+            held_out = self.expand(u, theta, held_out, inputs, False)
+        return train, held_out, inputs
 
     def inner_residuals(self, u, theta, args):
         train, _, inputs = args
@@ -314,8 +367,12 @@ class PopulationProblem(eqx.Module):
             return self.laplace(u, theta, args)
         return self.validation(u, theta, args)
 
-    def bilevel(self, inner_solver, inner_max_steps: int) -> BilevelProblem:
+    def bilevel(self, inner_solver, inner_max_steps: int, local_model: bool = True
+                ) -> BilevelProblem:
+        """With `local_model` (and a sensitivity that takes forward-over-forward
+        derivatives), implicit hypergradients differentiate `expand`ed data terms."""
         sensitivity = self.objective.sensitivity
+        local_model = local_model and FORWARD_OVER_FORWARD in sensitivity.second_order
         residual_form = self.has_residual_form() and isinstance(
             inner_solver, optx.AbstractLeastSquaresSolver
         )
@@ -327,7 +384,40 @@ class PopulationProblem(eqx.Module):
             inner_max_steps=inner_max_steps,
             sensitivity=sensitivity,
             kink_curvature=None if self.hierarchy.penalty is None else self.kink_curvature,
+            local_model=self.local_model if local_model else None,
         )
+
+
+class LocalExpansion(eqx.Module):
+    r"""One individual's data terms as polynomials in its varied parameters $v$
+    (`PopulationProblem.varied_names`, the first $n_u$ varying with $u$) around $v_0$:
+
+    $$ r(v) = r_0 + J\delta + \tfrac12\delta_u^\top T_{uu}\delta_u
+       + \delta_u^\top T_{u\theta}\delta_\theta, \qquad
+       \mathrm{NLL}(v) = \mathrm{NLL}_0 + g^\top\delta, \qquad \delta = v - v_0, $$
+
+    with $T = \partial^2 r/\partial v_u\,\partial v$ (`second`, omitted for a
+    first-order expansion). Differentiated at $v_0$ it gives the exact value, gradient,
+    Jacobian, and every second derivative of $r$ that involves $v_u$: all the
+    implicit hypergradient and the Laplace objective take."""
+
+    v0: Float[Array, " n_v"]
+    residuals: Float[Array, " m"]
+    jacobian: Float[Array, "m n_v"]
+    second: Float[Array, "m n_u n_v"] | None
+    nll: Float[Array, ""]
+    nll_gradient: Float[Array, " n_v"]
+    result: Any
+
+    def __call__(self, v):
+        delta = v - self.v0
+        r = self.residuals + self.jacobian @ delta
+        if self.second is not None:
+            n_u = self.second.shape[1]
+            d_u = delta[:n_u]
+            r = (r + 0.5 * jnp.einsum("mij,i,j->m", self.second[:, :, :n_u], d_u, d_u)
+                 + jnp.einsum("mij,i,j->m", self.second[:, :, n_u:], d_u, delta[n_u:]))
+        return r, self.nll + self.nll_gradient @ delta, self.result
 
 
 # ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from ._adjoint import AdjointStageRoot, InterpolatedAdjoint
 
@@ -111,6 +112,44 @@ class AbstractSensitivity(eqx.Module):
 
         wrapped.defvjp(forward, backward)
         return wrapped
+
+
+def with_materialised_jacobian(fn):
+    r"""Wrap vector-valued `fn(x, args)` so that its linearisation is its Jacobian,
+    computed once by `jax.jacfwd` and applied as a matrix.
+
+    `jax.linearize` of a function containing a `while_loop` (an adaptive ODE solve)
+    cannot keep the loop's primal values: every application of the linear map re-runs
+    the whole loop, primal included. Gauss–Newton-type solvers apply it many times per
+    step (materialising the Jacobian column by column for a QR, again for a damped
+    retry, again for a termination test), so each step would cost several solves
+    carrying tangents. Here one solve carrying $n_x$ tangents gives $r$ and $J$, and
+    the linear map is $J\,\dot x$. Tangents of `args`, rarely present, are pushed
+    through `fn` as usual.
+    """
+
+    @jax.custom_jvp
+    def wrapped(x, args):
+        return fn(x, args)
+
+    def jvp(primals, tangents):
+        x, args = primals
+        dx, dargs = tangents
+        jacobian, value = jax.jacfwd(lambda y: (fn(y, args),) * 2, has_aux=True)(x)
+        if isinstance(dx, SymbolicZero):
+            tangent = jnp.zeros_like(value)
+        else:
+            tangent = jacobian @ dx
+        if not all(isinstance(t, SymbolicZero) for t in jax.tree.leaves(
+                dargs, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+            dargs = jax.tree.map(lambda t, a: jnp.zeros_like(a) if isinstance(t, SymbolicZero)
+                                 else t, dargs, args,
+                                 is_leaf=lambda t: isinstance(t, SymbolicZero))
+            tangent = tangent + jax.jvp(lambda a: fn(x, a), (args,), (dargs,))[1]
+        return value, tangent
+
+    wrapped.defjvp(jvp, symbolic_zeros=True)
+    return wrapped
 
 
 class ForwardMode(AbstractSensitivity):
