@@ -784,7 +784,11 @@ def population_setup(
     if chunk_size is None:
         n_u = int(u0.size)
         rows = int(np.prod(train.mask.shape[1:])) * 2 + n_u
-        chunk_size = default_chunk_size(n, *fit_kernel_flops(n_states, rows, n_u))
+        # The hypergradient's solves carry (1 + n_v)(1 + n_u) tangents (`expand`), and
+        # every tangent is a right-hand side of the stiff solver's triangular solves.
+        n_v = len(problem.varied_names)
+        chunk_size = default_chunk_size(n, *fit_kernel_flops(n_states, rows, n_u),
+                                        n_states**2 * (1 + n_v) * (1 + n_u))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return PopulationSetup(
