@@ -275,7 +275,8 @@ class PopulationProblem(eqx.Module):
 
     def expand(self, u, theta, data, inputs, second_order: bool) -> "LocalExpansion":
         """`data`'s terms expanded around the individual's parameters at $(u, \\theta)$:
-        one solve carrying $n_v$ tangents, or with `second_order` $n_v(1 + n_u)$."""
+        one solve carrying $n_v$ tangents, or with `second_order` $(1 + n_v)(1 + n_u)$
+        lanes (value and tangents of the $u$-Jacobian)."""
         names = self.varied_names
         n_u = u.size
 
@@ -367,12 +368,11 @@ class PopulationProblem(eqx.Module):
             return self.laplace(u, theta, args)
         return self.validation(u, theta, args)
 
-    def bilevel(self, inner_solver, inner_max_steps: int, local_model: bool = True
-                ) -> BilevelProblem:
-        """With `local_model` (and a sensitivity that takes forward-over-forward
-        derivatives), implicit hypergradients differentiate `expand`ed data terms."""
+    def bilevel(self, inner_solver, inner_max_steps: int) -> BilevelProblem:
+        """Where the sensitivity takes forward-over-forward derivatives, implicit
+        hypergradients differentiate `expand`ed data terms (`local_model`)."""
         sensitivity = self.objective.sensitivity
-        local_model = local_model and FORWARD_OVER_FORWARD in sensitivity.second_order
+        local_model = FORWARD_OVER_FORWARD in sensitivity.second_order
         residual_form = self.has_residual_form() and isinstance(
             inner_solver, optx.AbstractLeastSquaresSolver
         )
