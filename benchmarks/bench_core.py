@@ -18,7 +18,8 @@ For every zoo model (``calibrate.zoo_names()``) it measures, at the tolerances o
    individuals, each with its own parameters and data;
 3. side by side, scipy ``solve_ivp(method="BDF")`` with a plain numpy right-hand side
    and a forward finite-difference gradient (n_p + 1 solves);
-4. diffrax's default ``Kvaerno5()`` against calibrate's default stiff solver.
+4. diffrax's default ``Kvaerno5()`` against calibrate's chord Kvaerno5 and its default
+   stiff solver (Rodas5).
 
 Results are printed and written (atomically) as markdown to ``--out``.
 """
@@ -739,7 +740,9 @@ def bench_model(name, args, log):
     configs = (
         ("diffrax default", "diffrax default `dfx.Kvaerno5()` (VeryChord root finder)",
          cal.Integrator(solver=dfx.Kvaerno5())),
-        ("calibrate default", "calibrate default (Kvaerno5 + Chord at 1% of tol.)", integ),
+        ("Kvaerno5 chord", "calibrate `kvaerno5_chord` (Kvaerno5 + Chord at 1% of tol.)",
+         cal.Integrator(solver=cal.kvaerno5_chord(integ.rtol, integ.atol))),
+        ("calibrate default", "calibrate default (Rodas5)", integ),
         ("calibrate tight", f"calibrate default solver at rtol={tight.rtol:g}, "
          f"atol={tight.atol:g} (100× tighter)", tight),
     )
@@ -759,7 +762,7 @@ def bench_model(name, args, log):
                          fmt_g(err), str(bool(ok))])
         except Exception as exc:  # noqa: BLE001
             rows.append([label, "–", "–", f"fails: {short_reason(exc)}", "–", "–"])
-    for other in ("calibrate default", "calibrate tight"):
+    for other in ("Kvaerno5 chord", "calibrate default", "calibrate tight"):
         if "diffrax default" in results and other in results:
             t_a, s_a, e_a = results["diffrax default"]
             t_b, s_b, e_b = results[other]

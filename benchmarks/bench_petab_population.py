@@ -40,6 +40,9 @@ RANDOM = {"Epo_degradation_BaF3": 0.2, "k_phos": 0.2}
 SHARED = ("k_exp_hetero", "k_exp_homo", "k_imp_hetero", "k_imp_homo")
 START_OFFSET_LOG10 = 0.1
 
+# Solvers by name; None is `Integrator`'s default.
+SOLVERS = ("default", "rodas5")
+
 
 def write_problem(folder: Path, individuals: int, seed: int) -> dict:
     """Writes the population PEtab problem to `folder`; returns the truth."""
@@ -103,13 +106,14 @@ def write_problem(folder: Path, individuals: int, seed: int) -> dict:
     return {pid: 10.0 ** truth_x[ids.index(pid)] for pid in (*RANDOM, *SHARED)}
 
 
-def calibrate_side(folder: Path, max_steps: int) -> dict:
+def calibrate_side(folder: Path, max_steps: int, solver: str) -> dict:
     import calibrate as cal
     from calibrate._compilation import compilation
 
+    integrator = cal.Integrator(solver=cal.Rodas5() if solver == "rodas5" else None)
     started = time.perf_counter()
     with compilation() as log:
-        problem = cal.load_petab(folder / "problem.yaml")
+        problem = cal.load_petab(folder / "problem.yaml", integrator=integrator)
         result = cal.calibrate_population(problem, outer=cal.QuasiNewton(max_steps=max_steps))
     wall = time.perf_counter() - started
     return {"wall_s": wall, "compile_s": log.seconds, "result": result}
@@ -120,6 +124,7 @@ def main():
     parser.add_argument("--individuals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--solver", choices=SOLVERS, default="default")
     parser.add_argument("--amici-python")
     parser.add_argument("--out", default=str(HERE / "RESULTS_petab_population.md"))
     args = parser.parse_args()
@@ -130,7 +135,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="boehm_population_") as tmp:
         folder = Path(tmp)
         truth = write_problem(folder, args.individuals, args.seed)
-        ours = calibrate_side(folder, args.max_steps)
+        ours = calibrate_side(folder, args.max_steps, args.solver)
         theirs = run_amici_side(args.amici_python, "--population", str(folder),
                                 "--individuals", str(args.individuals)) \
             if args.amici_python else None

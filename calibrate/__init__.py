@@ -163,6 +163,7 @@ from ._sensitivity import (  # noqa: E402
 )
 from ._simulate import (  # noqa: E402
     Integrator as Integrator,
+    kvaerno5_chord as kvaerno5_chord,
     Trajectory as Trajectory,
     simulate as simulate,
     steady_state as steady_state,

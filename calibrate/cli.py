@@ -745,8 +745,7 @@ def fit(
     settings = {
         "starts": starts, "seed": seed, "max_steps": max_steps,
         "solver": "LevenbergMarquardt(rtol=1e-8, atol=1e-8)",
-        "integrator": {"solver": "Kvaerno5 (chord Newton)", "rtol": rtol, "atol": atol,
-                       "max_steps": integrator.max_steps},
+        "integrator": integrator.settings(),
         "sensitivity": "ForwardMode",
     }
     fixed_values = {n: float(v) for n, v in all_values.items() if n not in names}
@@ -1208,8 +1207,7 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int | None, seed: int | 
     settings = {"starts": starts, "seed": seed, "max_steps": max_steps,
                 "optimiser": "BFGS(rtol=1e-10, atol=1e-10) on bound-reflected scaled "
                              "parameters",
-                "integrator": {"solver": "Kvaerno5 (chord Newton)", "rtol": rtol,
-                               "atol": atol, "max_steps": integrator.max_steps},
+                "integrator": integrator.settings(),
                 "sensitivity": "ForwardMode"}
     record = {
         "problem": str(path),
@@ -1351,10 +1349,8 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
         "roles": {r.parameter: r.role if r.role != "random" else r.distribution
                   for r in problem.population_roles},
         "settings": {"outer": f"QuasiNewton(max_steps={max_steps})",
-                     "objective": "laplace", "integrator": {
-                         "solver": "Kvaerno5 (chord Newton)",
-                         "rtol": problem.integrator.rtol, "atol": problem.integrator.atol,
-                         "max_steps": problem.integrator.max_steps},
+                     "objective": "laplace",
+                     "integrator": problem.integrator.settings(),
                      "sensitivity": "ForwardMode"},
         "outputs": [p.name for p in written], "resumed": resume,
         "versions": _versions(), "devices": [str(d) for d in jax.devices()],

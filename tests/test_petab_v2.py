@@ -16,7 +16,6 @@ from test_petab import (
     DATA,
     REFERENCE,
     SLOW,
-    SOLVERS,
     TOLERANCES,
     _evaluate,
     _max_relative,
@@ -43,7 +42,7 @@ def load_v2_from(name, path):
     rtol, atol = TOLERANCES[name]
     return cal.load_petab(
         path,
-        integrator=cal.Integrator(solver=SOLVERS.get(name), rtol=rtol, atol=atol,
+        integrator=cal.Integrator(rtol=rtol, atol=atol,
                                   max_steps=100_000),
         steady_state_tolerances=(1e-12, 1e-14),
     )

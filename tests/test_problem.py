@@ -68,7 +68,7 @@ def test_valid_problem_loads_with_its_settings(tmp_path):
     assert problem.seed == 3
     assert problem.settings["population"]["objective"] == "laplace"
     assert problem.settings["ode"]["rtol"] == 1e-8
-    assert problem.integrator.solver is None  # the default stiff solver
+    assert problem.integrator.solver is None  # the default, Rodas5
     arguments = problem.population_arguments()
     assert arguments["hierarchy"].random == ("p", "q")
     assert isinstance(arguments["objective"], cal.Laplace)
@@ -488,3 +488,11 @@ def test_ode_settings_build_the_integrator(tmp_path):
     integrator = cal.load_problem(write_problem(tmp_path, toml)).integrator
     assert isinstance(integrator.solver, diffrax.Tsit5)
     assert (integrator.rtol, integrator.atol, integrator.max_steps) == (1e-6, 1e-9, 500)
+    assert integrator.settings() == {"solver": "Tsit5", "rtol": 1e-6, "atol": 1e-9,
+                                     "max_steps": 500}
+    toml = GOOD + '\n[ode]\nsolver = "kvaerno5"\nrtol = 1e-7\n'
+    integrator = cal.load_problem(write_problem(tmp_path, toml)).integrator
+    assert integrator.settings()["solver"] == "Kvaerno5 (chord Newton)"
+    # The chord iterations stop at 1% of the step tolerances.
+    assert integrator.solver.root_finder.rtol == 1e-9
+    assert cal.Integrator().settings()["solver"] == "Rodas5"
