@@ -61,8 +61,8 @@ class Integrator(eqx.Module):
     The default (`solver=None`) is `Rodas5`, an L-stable Rosenbrock method of order 5
     with one exact Jacobian and no Newton iterations per step, under a PID controller;
     it handles stiff biochemical kinetics. On the zoo and PEtab benchmark models it
-    computes likelihoods 2–16x and forward-mode gradients 1.2–4x faster than Kvaerno5
-    with chord Newton iterations (`kvaerno5_chord`), as accurately or more
+    computes likelihoods 1.6–17x and forward-mode gradients up to 4x faster than
+    Kvaerno5 with chord Newton iterations (`kvaerno5_chord`), as accurately or more
     (`benchmarks/RESULTS_solvers.md`). Explicit solvers (`diffrax.Tsit5()`) are faster
     on non-stiff models but can stall where a fit visits stiff regions.
     """
