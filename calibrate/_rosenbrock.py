@@ -79,10 +79,10 @@ _RODAS5_TIME_WEIGHTS = np.array([0.19, -0.1823079225333714636, -0.31923183218687
 class Rodas5(dfx.AbstractAdaptiveSolver):
     """Rodas5: a stiffly accurate, L-stable Rosenbrock method of order 5(4).
 
-    Use as `Integrator(solver=Rodas5())` (or `[ode] solver = "rodas5"`). Each step
-    costs one Jacobian (`jax.jacfwd`), one small inverse, and eight vector-field
-    evaluations and products with the inverse, with no Newton iterations. Its accuracy relies on an exact Jacobian,
-    which JAX provides.
+    `Integrator`'s default solver (`[ode] solver = "rodas5"`). Each step costs one
+    Jacobian (`jax.jacfwd`), one small inverse, and eight vector-field evaluations and
+    products with the inverse, with no Newton iterations. Its accuracy relies on an
+    exact Jacobian, which JAX provides.
     """
 
     term_structure: ClassVar = dfx.AbstractTerm
