@@ -40,8 +40,8 @@ RANDOM = {"Epo_degradation_BaF3": 0.2, "k_phos": 0.2}
 SHARED = ("k_exp_hetero", "k_exp_homo", "k_imp_hetero", "k_imp_homo")
 START_OFFSET_LOG10 = 0.1
 
-# Solvers by name; None is `Integrator`'s default.
-SOLVERS = ("default", "rodas5")
+# `Integrator`'s default (Rodas5), or Kvaerno5 with chord Newton for comparison.
+SOLVERS = ("rodas5", "kvaerno5")
 
 
 def write_problem(folder: Path, individuals: int, seed: int) -> dict:
@@ -110,7 +110,9 @@ def calibrate_side(folder: Path, max_steps: int, solver: str) -> dict:
     import calibrate as cal
     from calibrate._compilation import compilation
 
-    integrator = cal.Integrator(solver=cal.Rodas5() if solver == "rodas5" else None)
+    default = cal.Integrator()
+    integrator = default if solver == "rodas5" else cal.Integrator(
+        solver=cal.kvaerno5_chord(default.rtol, default.atol))
     started = time.perf_counter()
     with compilation() as log:
         problem = cal.load_petab(folder / "problem.yaml", integrator=integrator)
@@ -124,7 +126,7 @@ def main():
     parser.add_argument("--individuals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=100)
-    parser.add_argument("--solver", choices=SOLVERS, default="default")
+    parser.add_argument("--solver", choices=SOLVERS, default=SOLVERS[0])
     parser.add_argument("--amici-python")
     parser.add_argument("--out", default=str(HERE / "RESULTS_petab_population.md"))
     args = parser.parse_args()
@@ -152,6 +154,7 @@ def report(args, truth, ours, theirs):
         "# A population of Boehm-sized individuals: calibrate against an AMICI loop",
         "",
         f"`python benchmarks/bench_petab_population.py --individuals {args.individuals}"
+        f"{'' if args.solver == SOLVERS[0] else ' --solver ' + args.solver}"
         f"{' --amici-python AMICI' if theirs else ''}` on {platform.node()} "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"jax {jax.__version__}, calibrate {cal.__version__}"

@@ -39,7 +39,8 @@ import calibrate as cal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PETAB = ROOT / "tests" / "data" / "petab"
-SOLVERS = {"Kvaerno5": cal.kvaerno5_chord(1e-8, 1e-10), "Rodas5": None}
+DEFAULT = cal.Integrator()
+SOLVERS = {"Kvaerno5": cal.kvaerno5_chord(DEFAULT.rtol, DEFAULT.atol), "Rodas5": None}
 
 
 def _median_time(function, *args, repeats):
@@ -98,8 +99,8 @@ def bench(name: str, solver_name: str, repeats: int) -> dict:
 
 
 def reference_point(name: str) -> tuple[float, np.ndarray]:
-    integrator = cal.Integrator(solver=cal.kvaerno5_chord(1e-12, 1e-14), rtol=1e-12, atol=1e-14,
-                                max_steps=200_000)
+    integrator = cal.Integrator(solver=cal.kvaerno5_chord(1e-12, 1e-14), rtol=1e-12,
+                                atol=1e-14, max_steps=200_000)
     value, x, _ = CASES[name](name, integrator)
     v, g = jax.jit(lambda x: cal.ForwardMode().value_and_grad(value, x))(x)
     return float(v), np.asarray(g)

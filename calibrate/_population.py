@@ -784,8 +784,9 @@ def population_setup(
     if chunk_size is None:
         n_u = int(u0.size)
         rows = int(np.prod(train.mask.shape[1:])) * 2 + n_u
-        # The hypergradient's solves carry (1 + n_v)(1 + n_u) tangents (`expand`), and
-        # every tangent is a right-hand side of the stiff solver's triangular solves.
+        # The hypergradient's solves carry (1 + n_v)(1 + n_u) tangents (`expand`). With
+        # Kvaerno5 every tangent is a right-hand side of its triangular solves; Rodas5
+        # applies an explicit inverse instead, so for it this bound is conservative.
         n_v = len(problem.varied_names)
         chunk_size = default_chunk_size(n, *fit_kernel_flops(n_states, rows, n_u),
                                         n_states**2 * (1 + n_v) * (1 + n_u))

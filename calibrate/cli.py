@@ -389,8 +389,7 @@ def _petab_predict_at(problem: cal.PEtabProblem, theta):
 
 def simulate_petab(path: Path, param, rtol: float, atol: float) -> pd.DataFrame:
     """The PEtab simulation table at the nominal parameters (or --param values)."""
-    problem = cal.load_petab(path, integrator=cal.Integrator(
-        solver=cal.Rodas5(), rtol=rtol, atol=atol))
+    problem = cal.load_petab(path, integrator=cal.Integrator(rtol=rtol, atol=atol))
     values = parse_assignments(param, "--param")
     unknown = [name for name in values if name not in problem.parameter_ids]
     if unknown:
