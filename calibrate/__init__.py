@@ -113,6 +113,7 @@ from ._population import (  # noqa: E402
     AbstractCovariance as AbstractCovariance,
     AbstractOuterOptimiser as AbstractOuterOptimiser,
     AbstractPopulationObjective as AbstractPopulationObjective,
+    BHHH as BHHH,
     DiagonalCovariance as DiagonalCovariance,
     FirstOrder as FirstOrder,
     FullCovariance as FullCovariance,

@@ -586,6 +586,138 @@ class QuasiNewton(AbstractOuterOptimiser):
         return theta, starts, steps, converged
 
 
+def _trust_region_step(curvature: np.ndarray, gradient: np.ndarray,
+                       radius: float) -> tuple[np.ndarray, float]:
+    r"""The minimiser $d$ of the model $g^\top d + \tfrac12 d^\top B d$ over the ball
+    $\lVert d\rVert \le \Delta$ ($B$ positive semidefinite), and the decrease the model
+    predicts. Outside the ball's interior $d = -(B + \lambda I)^{-1} g$ with
+    $\lVert d\rVert = \Delta$; in $B$'s eigenbasis $\lVert d(\lambda)\rVert$ decreases in
+    $\lambda$, which bisection pins down."""
+    if not np.any(gradient):
+        return np.zeros_like(gradient), 0.0
+    eigenvalues, vectors = np.linalg.eigh(curvature)
+    eigenvalues = np.maximum(eigenvalues, 0.0)
+    rotated = vectors.T @ gradient
+    # A singular B (a direction no individual's score varies along) leaves the model
+    # unbounded there; the ball bounds it, and this floor keeps d(0) finite.
+    top = float(eigenvalues.max())
+    floor = 1e-12 * top
+    step = lambda damping: -vectors @ (rotated / (eigenvalues + floor + damping))
+    d = step(0.0) if top > 0.0 else None
+    if d is None or np.linalg.norm(d) > radius:
+        low, high = 0.0, float(np.linalg.norm(gradient)) / radius
+        for _ in range(200):
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if np.linalg.norm(step(middle)) > radius else (low, middle)
+            if high - low <= 1e-12 * high:
+                break
+        d = step(high)
+    return d, float(-(gradient @ d + 0.5 * d @ curvature @ d))
+
+
+class BHHH(AbstractOuterOptimiser):
+    r"""Trust-region steps with the Berndt–Hall–Hall–Hausman curvature: the spread of
+    the individuals' hypergradients $g_i = dF_i/d\theta$,
+
+    $$ B = \sum_i (g_i - \bar g)(g_i - \bar g)^\top . $$
+
+    For `Laplace()` the outer objective $F = \sum_i F_i$ is a sum of independent
+    individuals' negative log-likelihoods, and the variance of their scores estimates
+    the Fisher information, the expected Hessian. So every evaluation yields a
+    Newton-like curvature from the per-individual hypergradients it computes anyway,
+    where BFGS must learn its Hessian from many steps (and with few steps, mistakes
+    its own estimate for convergence). Centring on $\bar g$ keeps a common bias of
+    the scores, away from the optimum, from posing as curvature.
+
+    Each step minimises $g^\top d + \tfrac12 d^\top B d$ within $\lVert d\rVert \le
+    \Delta$ ($\theta$'s unconstrained coordinates: a unit is an e-fold or a decade of
+    a log-scale parameter) and costs one evaluation. It is accepted when the objective
+    falls by more than `accept` times the predicted decrease; $\Delta$ shrinks to
+    $\lVert d\rVert/4$ when the model predicted badly (ratio below 1/4) and doubles
+    when it predicted well (above 3/4) at the boundary. It stops, converged, once the
+    predicted decrease to the optimum, $\tfrac12 g^\top B^{+} g$, is below
+    `decrement_tol` (units of the objective); or, not converged, when $\Delta$ falls
+    below `min_radius`.
+
+    The default outer optimiser for `Laplace()`. For other objectives $B$ is only
+    some positive semidefinite matrix, the steps still descend, and `QuasiNewton` is
+    the default.
+    """
+
+    decrement_tol: float = 1e-4
+    radius: float = 1.0
+    min_radius: float = 1e-10
+    accept: float = 1e-4
+    max_steps: int = eqx.field(static=True, default=100)
+
+    def _state(self, evaluation, radius):
+        per_individual = jax.vmap(lambda g: ravel_pytree(g)[0])(evaluation.hypergradients.value)
+        per_individual = np.asarray(per_individual)
+        per_individual = np.where(np.isfinite(per_individual), per_individual, 0.0)
+        centred = per_individual - per_individual.mean(axis=0)
+        return {"value": jnp.asarray(float(evaluation.value)),
+                "gradient": jnp.asarray(np.asarray(ravel_pytree(evaluation.gradient)[0])),
+                "curvature": jnp.asarray(centred.T @ centred),
+                "radius": jnp.asarray(float(radius))}
+
+    def _decrement(self, state) -> float:
+        gradient, curvature = np.asarray(state["gradient"]), np.asarray(state["curvature"])
+        if not (np.isfinite(float(state["value"])) and np.all(np.isfinite(gradient))):
+            return np.inf
+        return float(0.5 * gradient @ np.linalg.lstsq(curvature, gradient, rcond=None)[0])
+
+    def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False):
+        flat, unravel = ravel_pytree(theta)
+        size = flat.size
+
+        def save(step, state, finished):
+            if checkpoint is not None and (checkpoint.due(step) or finished):
+                checkpoint.save(step, {"theta": theta, "starts": starts}, state, {})
+
+        if resume:
+            template = {"value": jnp.zeros(()), "gradient": jnp.zeros(size),
+                        "curvature": jnp.zeros((size, size)), "radius": jnp.zeros(())}
+            state = checkpoint.optimiser_state(template)
+            step = int(checkpoint.meta()["step"])
+        else:
+            e = evaluate(theta, starts)
+            starts = _accepted_starts(e.hypergradients, starts)
+            state, step = self._state(e, self.radius), 1
+            callback(step, theta, float(state["value"]), e.hypergradients)
+        decrement = self._decrement(state)
+        converged = decrement < self.decrement_tol
+        stalled = not np.isfinite(decrement)
+        if not resume:
+            save(step, state, converged or stalled)
+        while not (converged or stalled) and step < self.max_steps:
+            step += 1
+            radius = float(state["radius"])
+            d, predicted = _trust_region_step(np.asarray(state["curvature"]),
+                                              np.asarray(state["gradient"]), radius)
+            trial = unravel(flat + d)
+            e = evaluate(trial, starts)
+            value = float(e.value)
+            ratio = ((float(state["value"]) - value) / predicted
+                     if np.isfinite(value) and predicted > 0 else -np.inf)
+            length = float(np.linalg.norm(d))
+            if ratio < 0.25:
+                radius = 0.25 * length
+            elif ratio > 0.75 and length > 0.99 * radius:
+                radius = 2.0 * radius
+            if ratio > self.accept:
+                flat, theta = flat + d, trial
+                starts = _accepted_starts(e.hypergradients, starts)
+                state = self._state(e, radius)
+                decrement = self._decrement(state)
+                converged = decrement < self.decrement_tol
+            else:
+                state = {**state, "radius": jnp.asarray(radius)}
+            stalled = radius < self.min_radius
+            callback(step, theta, float(state["value"]), e.hypergradients)
+            save(step, state, converged or stalled or step == self.max_steps)
+        return theta, starts, step, converged
+
+
 class FirstOrder(AbstractOuterOptimiser):
     """An optax gradient transformation (e.g. `optax.adam(0.05)`) for `steps` steps."""
 
@@ -822,7 +954,7 @@ def calibrate_population(
     ),
     inner_max_steps: int = 64,
     chunk_size: int | None = None,
-    outer: AbstractOuterOptimiser = QuasiNewton(),
+    outer: AbstractOuterOptimiser | None = None,
     standard_errors: bool = True,
     cold_start_rounds: int = 4,
     callback=None,
@@ -854,9 +986,11 @@ def calibrate_population(
     - `chunk_size`: individuals per `vmap`ped chunk (`None`: all at once on GPU; on
       CPU, chunks small enough that jaxlib's batched LAPACK kernels stay on one thread,
       see `calibrate._batching`).
-    - `outer`: `QuasiNewton()` (optimistix BFGS, default) or `FirstOrder(optax...)`.
-    - `standard_errors`: compute the outer Hessian by central differences of the
-      hypergradient (2 × dim θ extra evaluations).
+    - `outer`: `BHHH()` (trust-region steps with the individuals' score spread as
+      curvature; the default for `Laplace()`), `QuasiNewton()` (optimistix BFGS; the
+      default for `ValidationLoss`) or `FirstOrder(optax...)`.
+    - `standard_errors`: compute the outer Hessian by forward differences of the
+      hypergradient (dim θ extra evaluations).
     - `callback(step, theta, objective, hypergradients)`: called after every outer step
       with the per-individual diagnostics (`Hypergradient`: stationarity, result, ...)
       of the step's evaluation.
@@ -872,6 +1006,8 @@ def calibrate_population(
         inner_max_steps=inner_max_steps, chunk_size=chunk_size,
     )
     evaluate = lambda theta, starts: setup.evaluate(hypergradient, theta, starts)
+    if outer is None:
+        outer = BHHH() if isinstance(objective, Laplace) else QuasiNewton()
     history = []
 
     def record(step, theta, value, hypergradients):
@@ -898,23 +1034,24 @@ def calibrate_population(
     flat_theta, _ = ravel_pytree(theta)
     covariance = np.full((flat_theta.size, flat_theta.size), np.nan)
     if standard_errors:
-        covariance = _outer_covariance(evaluate, theta, h.inner_solution)
+        covariance = _outer_covariance(evaluate, theta, h.inner_solution, final.gradient)
     return _result(setup.problem, setup.individuals, theta, covariance, final, h,
                    history, steps, converged, setup.n_observations)
 
 
-def _outer_covariance(evaluate, theta, starts) -> np.ndarray:
-    """Inverse of the outer Hessian, by central differences of the hypergradient."""
+def _outer_covariance(evaluate, theta, starts, gradient) -> np.ndarray:
+    """Inverse of the outer Hessian, by forward differences of the hypergradient
+    from its value `gradient` at `theta`: their O(h) error, at a relative step of
+    1e-4, is far below what a standard error's few digits need, at half the
+    evaluations of central differences."""
     flat, unravel = ravel_pytree(theta)
     m = flat.size
+    base = np.asarray(ravel_pytree(gradient)[0])
     hessian = np.zeros((m, m))
     for j in range(m):
         h = 1e-4 * max(1.0, abs(float(flat[j])))
-        grads = []
-        for sign in (1.0, -1.0):
-            e = evaluate(unravel(flat.at[j].add(sign * h)), starts)
-            grads.append(np.asarray(ravel_pytree(e.gradient)[0]))
-        hessian[:, j] = (grads[0] - grads[1]) / (2 * h)
+        e = evaluate(unravel(flat.at[j].add(h)), starts)
+        hessian[:, j] = (np.asarray(ravel_pytree(e.gradient)[0]) - base) / h
     hessian = 0.5 * (hessian + hessian.T)
     try:
         return np.linalg.inv(hessian)

@@ -19,7 +19,7 @@ objective = "laplace"               # laplace | validation
 holdout = 0.2                       # validation: fraction of measurements held out
 covariance = "diagonal"             # diagonal | full
 penalty = "none"                    # none | l2 | elastic-net (learned strength)
-optimiser = "bfgs"                  # bfgs | adam
+optimiser = "auto"                  # auto (bhhh for laplace, bfgs for validation) | bhhh | bfgs | adam
 max_steps = 100
 learning_rate = 0.05                # adam
 standard_errors = true
@@ -85,6 +85,7 @@ from ._modelspec import ModelSpecError, did_you_mean, resolve_model
 from ._parameters import Parameter, ParameterError
 from ._penalty import L2, ElasticNet
 from ._population import (
+    BHHH,
     DiagonalCovariance,
     FirstOrder,
     FullCovariance,
@@ -113,7 +114,7 @@ _CHOICES = {
     ("population", "objective"): ("laplace", "validation"),
     ("population", "covariance"): ("diagonal", "full"),
     ("population", "penalty"): ("none", "l2", "elastic-net"),
-    ("population", "optimiser"): ("bfgs", "adam"),
+    ("population", "optimiser"): ("auto", "bhhh", "bfgs", "adam"),
     ("ode", "solver"): ("rodas5", "kvaerno5", "kencarp4", "tsit5", "dopri5"),
     ("sensitivity", "method"): ("forward", "direct", "discrete-adjoint",
                                 "continuous-adjoint"),
@@ -125,7 +126,7 @@ _DEFAULTS = {
     ("population", "holdout"): 0.2,
     ("population", "covariance"): "diagonal",
     ("population", "penalty"): "none",
-    ("population", "optimiser"): "bfgs",
+    ("population", "optimiser"): "auto",
     ("population", "max_steps"): 100,
     ("population", "learning_rate"): 0.05,
     ("population", "standard_errors"): True,
@@ -216,8 +217,13 @@ class Problem:
         covariance = {"diagonal": DiagonalCovariance(),
                       "full": FullCovariance()}[p["covariance"]]
         objective = _population_objective(self.settings, self.seed)
-        outer = (QuasiNewton(max_steps=p["max_steps"]) if p["optimiser"] == "bfgs"
-                 else FirstOrder(optax.adam(p["learning_rate"]), steps=p["max_steps"]))
+        optimiser = p["optimiser"]
+        if optimiser == "auto":
+            optimiser = "bhhh" if p["objective"] == "laplace" else "bfgs"
+        outer = {"bhhh": lambda: BHHH(max_steps=p["max_steps"]),
+                 "bfgs": lambda: QuasiNewton(max_steps=p["max_steps"]),
+                 "adam": lambda: FirstOrder(optax.adam(p["learning_rate"]),
+                                            steps=p["max_steps"])}[optimiser]()
         hierarchy = Hierarchy(random=self.names("random"), fixed=self.names("fixed"),
                               individual=self.names("individual"), covariance=covariance,
                               penalty=penalty)

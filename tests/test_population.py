@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import calibrate as cal
 from calibrate._compilation import compilation
@@ -117,6 +118,50 @@ def test_optax_outer_optimiser_descends():
     assert len(objective) == 6 and not result.converged
     assert objective[-1] < objective[0] - 100.0
     assert np.all(np.isnan(result.population.se))
+
+
+def test_bhhh_and_bfgs_reach_the_same_optimum():
+    """The default outer optimiser for the Laplace objective (BHHH) and BFGS, from the
+    same start, agree on the optimum to what the outer tolerance allows; BHHH's
+    trial steps never raise the recorded objective."""
+    bhhh = shared_q_result()
+    data, _ = shared_q_data()
+    bfgs = cal.calibrate_population(MODEL, data, hierarchy=SHARED_Q, start=START,
+                                    integrator=INTEGRATOR, outer=cal.QuasiNewton(),
+                                    standard_errors=False)
+    assert bhhh.converged and bfgs.converged
+    # Both stop within decrement_tol = 1e-4 of the optimum's objective.
+    assert bhhh.objective == pytest.approx(bfgs.objective, abs=2e-4)
+    for kind, name in (("fixed", "q"), ("mean_scaled", "p"), ("sd", "p")):
+        rows = [r.population[(r.population.parameter == name) & (r.population.kind == kind)]
+                for r in (bhhh, bfgs)]
+        se = float(rows[0].se.iloc[0])
+        assert abs(float(rows[0].estimate.iloc[0]) - float(rows[1].estimate.iloc[0])) < 0.05 * se
+    assert np.all(np.diff(bhhh.history.objective.to_numpy()) <= 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rank=st.integers(0, 4), radius=st.floats(1e-3, 1e3))
+def test_trust_region_step_minimises_the_model_in_the_ball(seed, rank, radius):
+    from calibrate._population import _trust_region_step
+
+    rng = np.random.default_rng(seed)
+    factor = rng.normal(size=(4, rank)) * 10.0 ** rng.uniform(-3, 3, size=rank)
+    curvature = factor @ factor.T
+    gradient = rng.normal(size=4) * 10.0 ** rng.uniform(-3, 3)
+    d, predicted = _trust_region_step(curvature, gradient, radius)
+    model = lambda x: gradient @ x + 0.5 * x @ curvature @ x
+    assert np.linalg.norm(d) <= radius * (1 + 1e-9)
+    assert predicted == pytest.approx(-model(d), rel=1e-12, abs=1e-300)
+    assert predicted > 0.0
+    # No point of the ball does better (random points, and rescaled copies of d).
+    trials = rng.normal(size=(2000, 4))
+    trials *= (radius * rng.uniform(0, 1, size=(2000, 1)) ** 0.25
+               / np.linalg.norm(trials, axis=1, keepdims=True))
+    best = model(d)
+    scale = 1e-9 * (abs(best) + 1e-300)
+    assert all(model(x) >= best - scale for x in trials)
+    assert all(model(c * d) >= best - scale for c in (0.5, 0.9, 0.99))
 
 
 def _gain_curvature_bound(setup, theta, starts):
