@@ -42,8 +42,8 @@ START_OFFSET_LOG10 = 0.1
 
 # `Integrator`'s default (Rodas5), or Kvaerno5 with chord Newton for comparison.
 SOLVERS = ("rodas5", "kvaerno5")
-# The default outer optimiser for the Laplace objective (BHHH), or BFGS for comparison.
-OUTERS = ("bhhh", "bfgs")
+# The default outer optimiser (BFGS), or BHHH for comparison.
+OUTERS = ("bfgs", "bhhh")
 
 
 def write_problem(folder: Path, individuals: int, seed: int) -> dict:

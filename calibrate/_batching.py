@@ -40,12 +40,16 @@ def safe_chunk_size(*flops_per_matrix: int, lanes_per_individual: int = 1) -> in
     return max(1, (LAPACK_SERIAL_WORK - 1) // worst)
 
 
-def fit_kernel_flops(n_states: int, n_residuals: int, n_unknowns: int) -> tuple[int, ...]:
+def fit_kernel_flops(n_states: int, n_residuals: int, n_unknowns: int,
+                     tangent_solves: bool = True) -> tuple[int, ...]:
     """Flops per matrix (as jaxlib counts them) of the batched LAPACK kernels in a fit
-    of one lane: the stiff solver's $n\\times n$ LU, the least-squares QR of the
-    residual Jacobian ($m \\times n_u$) and the forward-sensitivity triangular solves
+    of one lane: the stiff solver's $n\\times n$ LU or inverse, the least-squares QR
+    of the residual Jacobian ($m \\times n_u$) and, with `tangent_solves` (an
+    implicit solver's Newton solves; not `Rodas5`, whose forward tangents are
+    products with its explicit inverse), the forward-sensitivity triangular solves
     with one right-hand side per unknown."""
-    return n_states**3, 2 * n_residuals * n_unknowns**2, n_states**2 * (n_unknowns + 1)
+    flops = (n_states**3, 2 * n_residuals * n_unknowns**2)
+    return (*flops, n_states**2 * (n_unknowns + 1)) if tangent_solves else flops
 
 
 def default_chunk_size(n_individuals: int, *flops_per_matrix: int,
@@ -80,11 +84,26 @@ def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
     if chunk_size is None:
         return jax.vmap(fn, in_axes=in_axes)(*args)
     mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
+    n = jax.tree.leaves(args[mapped[0]])[0].shape[0]
+    # Equal chunks of at most `chunk_size`, the last padded with copies of the last
+    # individual: `lax.map` would otherwise compile a second vmap of `fn` for the
+    # remainder, doubling the compile time of a large population for nothing.
+    chunks = -(-n // chunk_size)
+    width = -(-n // chunks)
+    total = chunks * width
 
     def body(xs):
         return fn(*_with_mapped(args, mapped, xs))
 
-    return jax.lax.map(body, tuple(args[i] for i in mapped), batch_size=chunk_size)
+    out = jax.lax.map(body, tuple(jax.tree.map(lambda a: _padded(a, total), args[i])
+                                  for i in mapped), batch_size=width)
+    return jax.tree.map(lambda a: a[:n], out) if total > n else out
+
+
+def _padded(a, total: int):
+    """`a` with its leading axis extended to `total` by copies of its last entry."""
+    extra = total - a.shape[0]
+    return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]) if extra else a
 
 
 def _with_mapped(args, mapped, xs):
@@ -106,10 +125,6 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
     width = len(devices) * (chunk_size or -(-n // len(devices)))
     total = -(-n // width) * width
 
-    def padded(a):
-        extra = total - a.shape[0]
-        return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]) if extra else a
-
     def spread(tree):
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
             a, NamedSharding(mesh, P(INDIVIDUALS))), tree)
@@ -117,7 +132,7 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
     def chunk(xs):
         return spread(jax.vmap(fn, in_axes=in_axes)(*_with_mapped(args, mapped, spread(xs))))
 
-    stacked = tuple(jax.tree.map(lambda a: padded(a).reshape(total // width, width,
+    stacked = tuple(jax.tree.map(lambda a: _padded(a, total).reshape(total // width, width,
                                                                *a.shape[1:]), args[i])
                     for i in mapped)
     out = jax.lax.map(chunk, stacked)

@@ -291,7 +291,8 @@ def fit(
     inputs = data.batched_inputs(model)
     rows = 2 * int(np.prod(data.measurements.values.shape[1:]))
     chunk_size = default_chunk_size(
-        n, *fit_kernel_flops(len(model.states), rows, len(space.estimated)),
+        n, *fit_kernel_flops(len(model.states), rows, len(space.estimated),
+                             objective.integrator.tangent_solves()),
         lanes_per_individual=z0.shape[0])
     z, loss, grad_norm, se, steps, result, losses = _fit_batch(
         objective, solver, z0s, data.measurements, inputs, max_steps, chunk_size

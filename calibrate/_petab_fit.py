@@ -146,7 +146,8 @@ def fit_petab(
     n_starts, n_p = z0s.shape
     chunk_size = default_chunk_size(
         n_starts,
-        *fit_kernel_flops(len(problem.model.states), 2 * problem.n_measurements, n_p),
+        *fit_kernel_flops(len(problem.model.states), 2 * problem.n_measurements, n_p,
+                          problem.integrator.tangent_solves()),
         lanes_per_individual=len(problem.condition_ids),
     )
     started = time.perf_counter()

@@ -19,7 +19,7 @@ objective = "laplace"               # laplace | validation
 holdout = 0.2                       # validation: fraction of measurements held out
 covariance = "diagonal"             # diagonal | full
 penalty = "none"                    # none | l2 | elastic-net (learned strength)
-optimiser = "auto"                  # auto (bhhh for laplace, bfgs for validation) | bhhh | bfgs | adam
+optimiser = "bfgs"                  # bfgs | bhhh (laplace only) | adam
 max_steps = 100
 learning_rate = 0.05                # adam
 standard_errors = true
@@ -114,7 +114,7 @@ _CHOICES = {
     ("population", "objective"): ("laplace", "validation"),
     ("population", "covariance"): ("diagonal", "full"),
     ("population", "penalty"): ("none", "l2", "elastic-net"),
-    ("population", "optimiser"): ("auto", "bhhh", "bfgs", "adam"),
+    ("population", "optimiser"): ("bfgs", "bhhh", "adam"),
     ("ode", "solver"): ("rodas5", "kvaerno5", "kencarp4", "tsit5", "dopri5"),
     ("sensitivity", "method"): ("forward", "direct", "discrete-adjoint",
                                 "continuous-adjoint"),
@@ -126,7 +126,7 @@ _DEFAULTS = {
     ("population", "holdout"): 0.2,
     ("population", "covariance"): "diagonal",
     ("population", "penalty"): "none",
-    ("population", "optimiser"): "auto",
+    ("population", "optimiser"): "bfgs",
     ("population", "max_steps"): 100,
     ("population", "learning_rate"): 0.05,
     ("population", "standard_errors"): True,
@@ -217,13 +217,10 @@ class Problem:
         covariance = {"diagonal": DiagonalCovariance(),
                       "full": FullCovariance()}[p["covariance"]]
         objective = _population_objective(self.settings, self.seed)
-        optimiser = p["optimiser"]
-        if optimiser == "auto":
-            optimiser = "bhhh" if p["objective"] == "laplace" else "bfgs"
         outer = {"bhhh": lambda: BHHH(max_steps=p["max_steps"]),
                  "bfgs": lambda: QuasiNewton(max_steps=p["max_steps"]),
                  "adam": lambda: FirstOrder(optax.adam(p["learning_rate"]),
-                                            steps=p["max_steps"])}[optimiser]()
+                                            steps=p["max_steps"])}[p["optimiser"]]()
         hierarchy = Hierarchy(random=self.names("random"), fixed=self.names("fixed"),
                               individual=self.names("individual"), covariance=covariance,
                               penalty=penalty)
@@ -502,6 +499,10 @@ def load_problem(path: str | Path) -> Problem:
         if population["penalty"] != "none" and population["objective"] != "validation":
             issues.append(Issue(source, "a learned penalty strength needs held-out data: "
                                 "set objective = \"validation\"", key="population.penalty"))
+        if population["optimiser"] == "bhhh" and population["objective"] != "laplace":
+            issues.append(Issue(source, "bhhh takes its curvature from a likelihood's "
+                                "scores: use it with objective = \"laplace\"",
+                                key="population.optimiser"))
         try:
             sensitivity = _sensitivity(settings)
             check_supported(_hypergradient(settings), sensitivity)

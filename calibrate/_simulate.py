@@ -79,6 +79,12 @@ class Integrator(eqx.Module):
             return Rodas5()
         return self.solver
 
+    def tangent_solves(self) -> bool:
+        """Whether forward tangents are right-hand sides of the solver's batched LAPACK
+        solves (an implicit solver's Newton iterations), which `calibrate._batching`
+        must count when it sizes CPU chunks; `Rodas5` applies an explicit inverse."""
+        return not isinstance(self.ode_solver(), Rodas5)
+
     def settings(self) -> dict:
         """The solver's name, tolerances and step limit, for run records and reports."""
         solver = self.ode_solver()

@@ -1280,13 +1280,13 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
     for role in sorted(files):
         for entry in files[role]:
             digest.update(f"{role}\0{entry['sha256']}".encode())
-    digest.update(f"BHHH;max_steps={max_steps};{problem.integrator}".encode())
+    digest.update(f"max_steps={max_steps};{problem.integrator}".encode())
     checkpoint = cal.Checkpoint(out / CHECKPOINT, every=1, fingerprint=digest.hexdigest())
     done = checkpoint.meta()["step"] if resume else 0
     out.mkdir(parents=True, exist_ok=True)
     n = len(problem.individual_ids)
     roles = cal.petab_population_roles(problem)
-    result = _run_population(problem, None, {"outer": cal.BHHH(max_steps=max_steps)},
+    result = _run_population(problem, None, {"outer": cal.QuasiNewton(max_steps=max_steps)},
                              n, max_steps, checkpoint, resume, done)
     params = {name: jnp.asarray(result.individual[name].to_numpy(float))
               for name in problem.estimated_ids}
@@ -1347,7 +1347,7 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
         "command": ["calibrate", *sys.argv[1:]], "problem": str(path), "files": files,
         "roles": {r.parameter: r.role if r.role != "random" else r.distribution
                   for r in problem.population_roles},
-        "settings": {"outer": f"BHHH(max_steps={max_steps})",
+        "settings": {"outer": f"QuasiNewton(max_steps={max_steps})",
                      "objective": "laplace",
                      "integrator": problem.integrator.settings(),
                      "sensitivity": "ForwardMode"},

@@ -29,18 +29,24 @@ def test_safe_chunk_keeps_every_kernel_below_jaxlibs_threshold():
 
 @pytest.mark.parametrize("chunk", [None, 3, 4, 10])
 def test_chunked_map_equals_vmap(chunk):
-    """Including a remainder chunk (10 = 3 × 3 + 1) and a shared argument."""
+    """Including chunks that do not divide the population (10 individuals in chunks of
+    at most 3 or 4: balanced and padded) and a shared argument. `fn` is traced once:
+    no second copy is compiled for a remainder."""
     a = jnp.arange(30.0).reshape(10, 3)
     b = jnp.linspace(1, 2, 10)
     shared = {"scale": jnp.array(2.0)}
+    traces = []
 
     def fn(a, b, shared):
+        traces.append(a.shape)
         return {"sum": shared["scale"] * jnp.sum(a) + b, "solve": jnp.linalg.solve(
             jnp.eye(3) * (1 + b) + 0.1, a)}
 
     expected = jax.vmap(fn, in_axes=(0, 0, None))(a, b, shared)
+    traces.clear()
     result = map_individuals(fn, (a, b, shared), (0, 0, None), chunk)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-14), result, expected)
+    assert len(traces) == 1
     with pytest.raises(ValueError, match="0 or None"):
         map_individuals(fn, (a, b, shared), (1, 0, None), chunk)
 

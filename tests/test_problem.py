@@ -122,6 +122,8 @@ def test_bounds_scale_and_start_override_the_model(tmp_path):
          ["population.holdout", "between 0 and 1"]),
         (lambda t: t + '\n[population]\npenalty = "l2"\n',
          ["population.penalty", "held-out data"]),
+        (lambda t: t + '\n[population]\nobjective = "validation"\noptimiser = "bhhh"\n',
+         ["population.optimiser", "laplace"]),
         (lambda t: t + '\n[ode]\nrtol = -1\n', ["ode.rtol", "positive number"]),
         (lambda t: t + '\n[ode]\nsolver = "tsit"\n', ["ode.solver", "did you mean 'tsit5'"]),
         (lambda t: t + '\n[sensitivity]\nmethod = "discrete-adjoint"\n',
