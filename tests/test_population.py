@@ -139,6 +139,26 @@ def test_bhhh_and_bfgs_reach_the_same_optimum():
     assert np.all(np.diff(bhhh.history.objective.to_numpy()) <= 0.0)
 
 
+def test_bhhh_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path):
+    """Stopped after 3 outer steps and resumed from its checkpoint, BHHH takes the
+    steps the uninterrupted run takes, to the same numbers."""
+    data, _ = shared_q_data()
+    kwargs = dict(hierarchy=SHARED_Q, start=START, integrator=INTEGRATOR,
+                  standard_errors=False)
+    straight = cal.calibrate_population(MODEL, data, outer=cal.BHHH(), **kwargs)
+    checkpoint = cal.Checkpoint(tmp_path / "checkpoint.bin")
+    stopped = cal.calibrate_population(MODEL, data, outer=cal.BHHH(max_steps=3),
+                                       checkpoint=checkpoint, **kwargs)
+    assert stopped.outer_steps == 3 and not stopped.converged
+    assert checkpoint.meta()["step"] == 3
+    resumed = cal.calibrate_population(MODEL, data, outer=cal.BHHH(), checkpoint=checkpoint,
+                                       resume=True, **kwargs)
+    assert straight.converged and resumed.converged
+    assert resumed.outer_steps == straight.outer_steps > 3
+    np.testing.assert_array_equal(resumed.history.objective, straight.history.objective)
+    assert resumed.objective == straight.objective
+
+
 def test_bhhh_holds_an_estimate_at_its_bound_and_converges():
     """A toy outer objective of 40 individuals: θ₀ the mean of normal targets (sd 0.5,
     known), θ₁ the logit coordinate of a parameter whose objective falls all the way
