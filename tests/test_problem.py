@@ -80,6 +80,15 @@ def test_valid_problem_loads_with_its_settings(tmp_path):
     np.testing.assert_allclose(np.asarray(u.values), [[1, 0], [2, 2]])
 
 
+@pytest.mark.parametrize("name, expected", [("bfgs", "QuasiNewton"), ("bhhh", "BHHH"),
+                                            ("adam", "FirstOrder")])
+def test_optimiser_setting_builds_the_outer_optimiser(tmp_path, name, expected):
+    toml = GOOD + f'\n[population]\noptimiser = "{name}"\nmax_steps = 7\n'
+    outer = cal.load_problem(write_problem(tmp_path, toml)).population_arguments()["outer"]
+    assert type(outer).__name__ == expected
+    assert getattr(outer, "max_steps", getattr(outer, "steps", None)) == 7
+
+
 def test_bounds_scale_and_start_override_the_model(tmp_path):
     toml = GOOD.replace('start = 1.0\nsd = 0.3', 'start = 1.0\nsd = 0.3\nlower = 0.1\n'
                         'upper = 20\nscale = "log10"')
