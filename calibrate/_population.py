@@ -33,6 +33,7 @@ Both depend on $\theta$ through $u^*(\theta)$; their gradient is the hypergradie
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -513,7 +514,7 @@ class AbstractOuterOptimiser(eqx.Module):
         `callback(step, theta, objective, hypergradients)` after each step. With `checkpoint`,
         saves position and optimiser state when due; with `resume`, `theta` and
         `starts` are the checkpoint's and the optimiser continues from its state.
-        `bounded` marks the entries of the flattened $\theta$ that are logit
+        `bounded` marks the entries of the flattened $\\theta$ that are logit
         coordinates of a parameter between two bounds (`Parameter.to_unconstrained`)."""
 
 
@@ -629,6 +630,36 @@ def _trust_region_step(curvature: np.ndarray, gradient: np.ndarray,
     return d, float(-(gradient @ d + 0.5 * d @ curvature @ d))
 
 
+def _score_curvature(evaluation) -> np.ndarray:
+    r"""$\sum_i (g_i - \bar g)(g_i - \bar g)^\top$ of the individuals' hypergradients
+    (non-finite entries count as zero)."""
+    scores = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(evaluation.hypergradients.value))
+    scores = np.where(np.isfinite(scores), scores, 0.0)
+    centred = scores - scores.mean(axis=0)
+    return centred.T @ centred
+
+
+def _free_entries(flat, gradient: np.ndarray, bounded, bound_tol: float) -> np.ndarray:
+    """The entries of θ not pinned at a bound: a `bounded` (logit) entry within
+    `bound_tol` of its range's end, whose gradient points out of the range, is pinned."""
+    if bounded is None:
+        return np.ones(gradient.size, bool)
+    fraction = np.asarray(jax.nn.sigmoid(flat))
+    pinned = np.asarray(bounded) & (((fraction < bound_tol) & (gradient > 0))
+                                    | ((fraction > 1 - bound_tol) & (gradient < 0)))
+    return ~pinned
+
+
+def _score_decrement(value: float, gradient: np.ndarray, curvature: np.ndarray,
+                     free: np.ndarray) -> float:
+    r"""$\tfrac12 g^\top B^{+} g$ over the free entries: the decrease of the objective
+    that the curvature $B$ still predicts."""
+    if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
+        return np.inf
+    g, b = gradient[free], curvature[np.ix_(free, free)]
+    return float(0.5 * g @ np.linalg.lstsq(b, g, rcond=None)[0]) if g.size else 0.0
+
+
 class BHHH(AbstractOuterOptimiser):
     r"""Trust-region steps with the Berndt–Hall–Hall–Hausman curvature: the spread of
     the individuals' hypergradients $g_i = dF_i/d\theta$,
@@ -678,31 +709,17 @@ class BHHH(AbstractOuterOptimiser):
     max_steps: int = eqx.field(static=True, default=100)
 
     def _state(self, evaluation, radius):
-        per_individual = jax.vmap(lambda g: ravel_pytree(g)[0])(evaluation.hypergradients.value)
-        per_individual = np.asarray(per_individual)
-        per_individual = np.where(np.isfinite(per_individual), per_individual, 0.0)
-        centred = per_individual - per_individual.mean(axis=0)
         return {"value": jnp.asarray(float(evaluation.value)),
                 "gradient": jnp.asarray(np.asarray(ravel_pytree(evaluation.gradient)[0])),
-                "curvature": jnp.asarray(centred.T @ centred),
+                "curvature": jnp.asarray(_score_curvature(evaluation)),
                 "radius": jnp.asarray(float(radius))}
 
     def _free(self, flat, state, bounded) -> np.ndarray:
-        """The entries of θ not held at a bound."""
-        gradient = np.asarray(state["gradient"])
-        if bounded is None:
-            return np.ones(gradient.size, bool)
-        fraction = np.asarray(jax.nn.sigmoid(flat))
-        pinned = np.asarray(bounded) & (((fraction < self.bound_tol) & (gradient > 0))
-                                        | ((fraction > 1 - self.bound_tol) & (gradient < 0)))
-        return ~pinned
+        return _free_entries(flat, np.asarray(state["gradient"]), bounded, self.bound_tol)
 
     def _decrement(self, state, free) -> float:
-        gradient, curvature = np.asarray(state["gradient"]), np.asarray(state["curvature"])
-        if not (np.isfinite(float(state["value"])) and np.all(np.isfinite(gradient))):
-            return np.inf
-        g, b = gradient[free], curvature[np.ix_(free, free)]
-        return float(0.5 * g @ np.linalg.lstsq(b, g, rcond=None)[0]) if g.size else 0.0
+        return _score_decrement(float(state["value"]), np.asarray(state["gradient"]),
+                                np.asarray(state["curvature"]), free)
 
     def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False,
             bounded=None):
@@ -813,6 +830,11 @@ class PopulationResult(eqx.Module):
     - `objective`: the final outer objective; for `Laplace` also `minus_two_log_likelihood`,
       `aic`, `bic`.
     - `hypergradients`: per-individual diagnostics at the estimate.
+    - `score_decrement`: for `Laplace`, $\\tfrac12 g^\\top B^{+} g$ at the estimate with
+      $B$ the spread of the individuals' hypergradients (as in `BHHH`; fixed effects
+      pinned at a bound left out): the decrease of the objective their scores still
+      predict. Far above the outer optimiser's `decrement_tol`, the optimiser stopped
+      short (or a poorly determined direction is still falling). NaN otherwise.
     """
 
     theta: Any
@@ -831,6 +853,7 @@ class PopulationResult(eqx.Module):
     outer_steps: int
     hypergradients: Hypergradient
     inner_solutions: np.ndarray
+    score_decrement: float = np.nan
 
     def estimate(self, name: str, kind: str = "mean") -> float:
         rows = self.population[(self.population.parameter == name)
@@ -846,7 +869,7 @@ class PopulationResult(eqx.Module):
 
 class PopulationSetup(eqx.Module):
     """A population problem ready to evaluate: the per-individual bilevel problem,
-    the batched data, the start point of $\theta$ and of the inner fits."""
+    the batched data, the start point of $\\theta$ and of the inner fits."""
 
     problem: PopulationProblem
     bilevel: BilevelProblem
@@ -1077,11 +1100,18 @@ def calibrate_population(
     final = evaluate(theta, starts)
     h = final.hypergradients
     flat_theta, _ = ravel_pytree(theta)
+    score_decrement = np.nan
+    if isinstance(objective, Laplace):
+        gradient = np.asarray(ravel_pytree(final.gradient)[0])
+        score_decrement = _score_decrement(
+            float(final.value), gradient, _score_curvature(final),
+            _free_entries(flat_theta, gradient, setup.problem.bounded(theta), BHHH().bound_tol))
     covariance = np.full((flat_theta.size, flat_theta.size), np.nan)
     if standard_errors:
         covariance = _outer_covariance(evaluate, theta, h.inner_solution, final.gradient)
-    return _result(setup.problem, setup.individuals, theta, covariance, final, h,
-                   history, steps, converged, setup.n_observations)
+    result = _result(setup.problem, setup.individuals, theta, covariance, final, h,
+                     history, steps, converged, setup.n_observations)
+    return dataclasses.replace(result, score_decrement=score_decrement)
 
 
 def _outer_covariance(evaluate, theta, starts, gradient) -> np.ndarray:

@@ -885,6 +885,7 @@ def _population_report(result: cal.PopulationResult, model_name: str,
         "bic": result.bic,
         "converged": result.converged,
         "outer_steps": result.outer_steps,
+        "score_decrement": result.score_decrement,
         "omega": result.omega,
         "shrinkage": result.shrinkage,
         "theta": result.theta,
@@ -985,12 +986,22 @@ def _run_population(model, data, arguments, n: int, max_steps: int,
     return result
 
 
+# Two orders of magnitude above the outer optimisers' default decrement_tol.
+SCORE_DECREMENT_WARNING = 1e-2
+
+
 def _population_warnings(result: cal.PopulationResult,
                          diagnostics: pd.DataFrame) -> list[str]:
     problems = []
     if not result.converged:
         problems.append("the outer optimisation did not converge in "
                         f"{result.outer_steps} steps; see history.csv")
+    elif result.score_decrement > SCORE_DECREMENT_WARNING:
+        problems.append(
+            "the individuals' scores predict that the objective can still fall by "
+            f"{result.score_decrement:.2g}: the outer optimiser may have stopped short of "
+            "the optimum, or a poorly determined parameter is still drifting (compare "
+            "optimiser = \"bhhh\")")
     for row in diagnostics[~diagnostics["stationary"]].itertuples(index=False):
         problems.append(f"{row.individual}: inner fit not stationary "
                         f"({row.stationarity:.2g} > {row.stationarity_bound:.2g}, "

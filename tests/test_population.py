@@ -157,6 +157,22 @@ def test_bhhh_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path):
     assert resumed.outer_steps == straight.outer_steps > 3
     np.testing.assert_array_equal(resumed.history.objective, straight.history.objective)
     assert resumed.objective == straight.objective
+    # The scores' predicted decrease: large after 3 steps, below the tolerance at the end.
+    assert stopped.score_decrement > 1.0
+    assert straight.score_decrement < cal.BHHH().decrement_tol
+    assert shared_q_result().score_decrement < 1e-2  # BFGS, the default
+
+
+def test_a_fit_stopped_short_is_reported_by_its_score_decrement():
+    from calibrate.cli import _diagnostics_frame, _population_warnings
+
+    result = shared_q_result()
+    data, _ = shared_q_data()
+    diagnostics = _diagnostics_frame(result, data.individuals)
+    assert _population_warnings(result, diagnostics) == []
+    short = dataclasses.replace(result, score_decrement=0.5)
+    (warning,) = _population_warnings(short, diagnostics)
+    assert "can still fall by 0.5" in warning and "bhhh" in warning
 
 
 def test_bhhh_holds_an_estimate_at_its_bound_and_converges():

@@ -326,6 +326,7 @@ def test_fit_problem_recovers_the_dosing_population(dosing_runs):
         assert abs(sd.estimate - sample) < 2.5 * sd.se, (name, sd.estimate, sample, sd.se)
     report = json.loads((out / "population.json").read_text())
     assert report["converged"] and report["n_successful"] == report["n_stationary"] == 12
+    assert 0.0 <= report["score_decrement"] < 1e-2  # no "stopped short" warning
     assert report["aic"] == pytest.approx(report["minus_two_log_likelihood"] + 2 * 4)
     # Individual estimates follow the subjects' true values.
     individuals = pd.read_csv(out / "individuals.csv")
