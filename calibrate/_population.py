@@ -33,7 +33,6 @@ Both depend on $\theta$ through $u^*(\theta)$; their gradient is the hypergradie
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -630,34 +629,39 @@ def _trust_region_step(curvature: np.ndarray, gradient: np.ndarray,
     return d, float(-(gradient @ d + 0.5 * d @ curvature @ d))
 
 
-def _score_curvature(evaluation) -> np.ndarray:
-    r"""$\sum_i (g_i - \bar g)(g_i - \bar g)^\top$ of the individuals' hypergradients
-    (non-finite entries count as zero)."""
+# Within this fraction of its range from a bound, a logit entry of θ counts as there.
+_BOUND_TOL = 1e-6
+
+
+def _scores(evaluation) -> dict:
+    r"""The objective, its gradient $g$ and the curvature
+    $B = \sum_i (g_i - \bar g)(g_i - \bar g)^\top$ of the individuals' hypergradients
+    (non-finite entries count as zero) of an evaluation."""
     scores = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(evaluation.hypergradients.value))
     scores = np.where(np.isfinite(scores), scores, 0.0)
     centred = scores - scores.mean(axis=0)
-    return centred.T @ centred
+    return {"value": jnp.asarray(float(evaluation.value)),
+            "gradient": jnp.asarray(np.asarray(ravel_pytree(evaluation.gradient)[0])),
+            "curvature": jnp.asarray(centred.T @ centred)}
 
 
-def _free_entries(flat, gradient: np.ndarray, bounded, bound_tol: float) -> np.ndarray:
-    """The entries of θ not pinned at a bound: a `bounded` (logit) entry within
-    `bound_tol` of its range's end, whose gradient points out of the range, is pinned."""
-    if bounded is None:
-        return np.ones(gradient.size, bool)
-    fraction = np.asarray(jax.nn.sigmoid(flat))
-    pinned = np.asarray(bounded) & (((fraction < bound_tol) & (gradient > 0))
-                                    | ((fraction > 1 - bound_tol) & (gradient < 0)))
-    return ~pinned
-
-
-def _score_decrement(value: float, gradient: np.ndarray, curvature: np.ndarray,
-                     free: np.ndarray) -> float:
-    r"""$\tfrac12 g^\top B^{+} g$ over the free entries: the decrease of the objective
-    that the curvature $B$ still predicts."""
-    if not (np.isfinite(value) and np.all(np.isfinite(gradient))):
-        return np.inf
+def _score_decrement(scores: dict, flat, bounded, bound_tol: float
+                     ) -> tuple[float, np.ndarray]:
+    r"""$\tfrac12 g^\top B^{+} g$ over the free entries of θ (the decrease of the
+    objective that $B$ still predicts), and which entries are free: a `bounded`
+    (logit) entry within `bound_tol` of its range's end, whose gradient points out of
+    the range, is pinned there."""
+    gradient, curvature = np.asarray(scores["gradient"]), np.asarray(scores["curvature"])
+    free = np.ones(gradient.size, bool)
+    if bounded is not None:
+        fraction = np.asarray(jax.nn.sigmoid(flat))
+        free = ~(np.asarray(bounded) & (((fraction < bound_tol) & (gradient > 0))
+                                        | ((fraction > 1 - bound_tol) & (gradient < 0))))
+    if not (np.isfinite(float(scores["value"])) and np.all(np.isfinite(gradient))):
+        return np.inf, free
     g, b = gradient[free], curvature[np.ix_(free, free)]
-    return float(0.5 * g @ np.linalg.lstsq(b, g, rcond=None)[0]) if g.size else 0.0
+    decrement = float(0.5 * g @ np.linalg.lstsq(b, g, rcond=None)[0]) if g.size else 0.0
+    return decrement, free
 
 
 class BHHH(AbstractOuterOptimiser):
@@ -705,21 +709,8 @@ class BHHH(AbstractOuterOptimiser):
     max_radius: float = 2.0
     min_radius: float = 1e-10
     accept: float = 1e-4
-    bound_tol: float = 1e-6
+    bound_tol: float = _BOUND_TOL
     max_steps: int = eqx.field(static=True, default=100)
-
-    def _state(self, evaluation, radius):
-        return {"value": jnp.asarray(float(evaluation.value)),
-                "gradient": jnp.asarray(np.asarray(ravel_pytree(evaluation.gradient)[0])),
-                "curvature": jnp.asarray(_score_curvature(evaluation)),
-                "radius": jnp.asarray(float(radius))}
-
-    def _free(self, flat, state, bounded) -> np.ndarray:
-        return _free_entries(flat, np.asarray(state["gradient"]), bounded, self.bound_tol)
-
-    def _decrement(self, state, free) -> float:
-        return _score_decrement(float(state["value"]), np.asarray(state["gradient"]),
-                                np.asarray(state["curvature"]), free)
 
     def run(self, evaluate, theta, starts, callback, checkpoint=None, resume=False,
             bounded=None):
@@ -738,10 +729,9 @@ class BHHH(AbstractOuterOptimiser):
         else:
             e = evaluate(theta, starts)
             starts = _accepted_starts(e.hypergradients, starts)
-            state, step = self._state(e, self.radius), 1
+            state, step = {**_scores(e), "radius": jnp.asarray(self.radius)}, 1
             callback(step, theta, float(state["value"]), e.hypergradients)
-        free = self._free(flat, state, bounded)
-        decrement = self._decrement(state, free)
+        decrement, free = _score_decrement(state, flat, bounded, self.bound_tol)
         converged = decrement < self.decrement_tol
         stalled = not np.isfinite(decrement)
         if not resume:
@@ -766,9 +756,8 @@ class BHHH(AbstractOuterOptimiser):
             if ratio > self.accept:
                 flat, theta = flat + d, trial
                 starts = _accepted_starts(e.hypergradients, starts)
-                state = self._state(e, radius)
-                free = self._free(flat, state, bounded)
-                decrement = self._decrement(state, free)
+                state = {**_scores(e), "radius": jnp.asarray(radius)}
+                decrement, free = _score_decrement(state, flat, bounded, self.bound_tol)
                 converged = decrement < self.decrement_tol
             else:
                 state = {**state, "radius": jnp.asarray(radius)}
@@ -853,7 +842,7 @@ class PopulationResult(eqx.Module):
     outer_steps: int
     hypergradients: Hypergradient
     inner_solutions: np.ndarray
-    score_decrement: float = np.nan
+    score_decrement: float
 
     def estimate(self, name: str, kind: str = "mean") -> float:
         rows = self.population[(self.population.parameter == name)
@@ -988,9 +977,9 @@ def population_setup(
         n_v = len(problem.varied_names)
         solves = (petab.integrator if isinstance(model, PEtabProblem)
                   else likelihood.integrator).tangent_solves()
-        chunk_size = default_chunk_size(
-            n, *fit_kernel_flops(n_states, rows, n_u, solves),
-            n_states**2 * (1 + n_v) * (1 + n_u) if solves else 1)
+        tangents = (n_states**2 * (1 + n_v) * (1 + n_u),) if solves else ()
+        chunk_size = default_chunk_size(n, *fit_kernel_flops(n_states, rows, n_u, solves),
+                                        *tangents)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return PopulationSetup(
@@ -1094,24 +1083,20 @@ def calibrate_population(
     if checkpoint is not None:
         # The optimisers save position and state; the history rides along.
         checkpoint = checkpoint.with_meta(lambda: {"history": history})
+    bounded = setup.problem.bounded(theta)
     theta, starts, steps, converged = outer.run(evaluate, theta, starts, record,
                                                 checkpoint=checkpoint, resume=resume,
-                                                bounded=setup.problem.bounded(theta))
+                                                bounded=bounded)
     final = evaluate(theta, starts)
     h = final.hypergradients
     flat_theta, _ = ravel_pytree(theta)
-    score_decrement = np.nan
-    if isinstance(objective, Laplace):
-        gradient = np.asarray(ravel_pytree(final.gradient)[0])
-        score_decrement = _score_decrement(
-            float(final.value), gradient, _score_curvature(final),
-            _free_entries(flat_theta, gradient, setup.problem.bounded(theta), BHHH().bound_tol))
+    score_decrement = (_score_decrement(_scores(final), flat_theta, bounded, _BOUND_TOL)[0]
+                       if isinstance(objective, Laplace) else np.nan)
     covariance = np.full((flat_theta.size, flat_theta.size), np.nan)
     if standard_errors:
         covariance = _outer_covariance(evaluate, theta, h.inner_solution, final.gradient)
-    result = _result(setup.problem, setup.individuals, theta, covariance, final, h,
-                     history, steps, converged, setup.n_observations)
-    return dataclasses.replace(result, score_decrement=score_decrement)
+    return _result(setup.problem, setup.individuals, theta, covariance, final, h,
+                   history, steps, converged, setup.n_observations, score_decrement)
 
 
 def _outer_covariance(evaluate, theta, starts, gradient) -> np.ndarray:
@@ -1141,7 +1126,7 @@ def _delta_se(fn, value, se):
 
 
 def _result(problem, individuals, theta, covariance, final, h, history, steps, converged,
-            n_observations) -> PopulationResult:
+            n_observations, score_decrement) -> PopulationResult:
     hierarchy = problem.hierarchy
     space = problem.space
     flat, _ = ravel_pytree(theta)
@@ -1223,4 +1208,5 @@ def _result(problem, individuals, theta, covariance, final, h, history, steps, c
         outer_steps=steps,
         hypergradients=h,
         inner_solutions=u,
+        score_decrement=score_decrement,
     )

@@ -202,6 +202,21 @@ def test_bhhh_holds_an_estimate_at_its_bound_and_converges():
     assert float(theta["fixed"][0]) == pytest.approx(np.mean(targets), abs=1e-3)
     assert 1.0 / (1.0 + math.exp(-float(theta["fixed"][1]))) < cal.BHHH().bound_tol
 
+    # With θ₁ alone its decrement stays constant as it walks to -∞: only holding it
+    # at the bound stops the walk.
+    def bounded_only(theta, starts):
+        full = evaluate({"fixed": jnp.array([np.mean(targets), theta["fixed"][0]])}, starts)
+        h = SimpleNamespace(value={"fixed": full.hypergradients.value["fixed"][:, 1:]},
+                            inner_solution=starts)
+        return SimpleNamespace(value=full.value, gradient={"fixed": full.gradient["fixed"][1:]},
+                               hypergradients=h)
+
+    for bound_tol, expected in ((cal.BHHH().bound_tol, True), (0.0, False)):
+        *_, converged = cal.BHHH(bound_tol=bound_tol, max_steps=40).run(
+            bounded_only, {"fixed": jnp.array([0.0])}, jnp.zeros((40, 1)), lambda *_: None,
+            bounded=np.array([True]))
+        assert converged == expected
+
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), rank=st.integers(0, 4), radius=st.floats(1e-3, 1e3))
