@@ -7,6 +7,8 @@
 The second form is the AMICI side of bench_petab_population.py: one fides fit per
 individual of the population problem in DIR (its `individualId` column), one after
 another, each of the individual's estimated parameters from the table's nominal values.
+With `--share K/P` it fits every P-th of the first N individuals from the K-th, so P
+processes together fit them all.
 
 AMICI (pip install "amici[petab]" petab scipy) builds each model with the SWIG of its
 own environment: bench_petab.py puts that environment's bin first on PATH and sets
@@ -38,6 +40,8 @@ def main():
                         help="further problems by their YAML file")
     parser.add_argument("--population")
     parser.add_argument("--individuals", type=int)
+    parser.add_argument("--share", default="0/1", metavar="K/P",
+                        help="fit only every P-th individual from the K-th (P processes)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rtol", type=float, default=1e-8)
     args = parser.parse_args()
@@ -55,7 +59,9 @@ def main():
     models = Path(os.environ.get("AMICI_MODELS",
                                  Path(tempfile.gettempdir()) / "calibrate_amici_models"))
     if args.population:
-        out = population_loop(Path(args.population), args.individuals, args.rtol, models)
+        share, processes = (int(v) for v in args.share.split("/"))
+        out = population_loop(Path(args.population), args.individuals, args.rtol, models,
+                              share, processes)
         Path(args.out).write_text(json.dumps(out, indent=1))
         return
     reference = json.loads((DATA / "reference.json").read_text())
@@ -110,7 +116,8 @@ def main():
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 
-def population_loop(folder: Path, individuals: int, rtol: float, models: Path) -> dict:
+def population_loop(folder: Path, individuals: int, rtol: float, models: Path,
+                    share: int = 0, processes: int = 1) -> dict:
     import amici
     import fides
     import numpy as np
@@ -125,7 +132,7 @@ def population_loop(folder: Path, individuals: int, rtol: float, models: Path) -
     measurements = whole.measurement_df
     parameters = whole.parameter_df.drop(
         columns=["populationDistribution", "populationSd"], errors="ignore")
-    ids = list(dict.fromkeys(measurements["individualId"]))[:individuals]
+    ids = list(dict.fromkeys(measurements["individualId"]))[:individuals][share::processes]
 
     def problem_of(individual):
         problem = copy.copy(whole)

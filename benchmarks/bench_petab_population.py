@@ -18,16 +18,24 @@ where that would cross its upper bound):
 - AMICI: for each individual, a fides trust-region fit (BFGS, forward sensitivities)
   of its six kinetic parameters to its data — the two-stage approach whose estimates
   are then summarised across individuals.
+
+Each side runs once per way of using the CPU's cores: calibrate with 1 and with one
+CPU device per core (`--cpu-devices`; the individuals are split over the devices),
+the AMICI loop in 1 and in one process per core (`--amici-processes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +117,9 @@ def write_problem(folder: Path, individuals: int, seed: int) -> dict:
 
 
 def calibrate_side(folder: Path, max_steps: int, solver: str, outer: str) -> dict:
+    """The hierarchical fit, in this process: wall and compile seconds, estimates."""
+    import jax
+
     import calibrate as cal
     from calibrate._compilation import compilation
 
@@ -121,30 +132,76 @@ def calibrate_side(folder: Path, max_steps: int, solver: str, outer: str) -> dic
         optimiser = {"bhhh": cal.BHHH, "bfgs": cal.QuasiNewton}[outer](max_steps=max_steps)
         result = cal.calibrate_population(problem, outer=optimiser)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "compile_s": log.seconds, "result": result}
+    population = result.population
+    return {"wall_s": wall, "compile_s": log.seconds, "outer_steps": int(result.outer_steps),
+            "converged": bool(result.converged), "objective": float(result.objective),
+            "devices": len(jax.devices()),
+            "estimates": {pid: float(population[population.parameter == pid].estimate.iloc[0])
+                          for pid in (*RANDOM, *SHARED)},
+            "omega": np.sqrt(np.diag(result.omega)).tolist()}
+
+
+def calibrate_in_subprocess(folder: Path, args, cpu_devices: int) -> dict:
+    """`calibrate_side` in a fresh process with `cpu_devices` CPU devices (JAX fixes its
+    device count when it starts): the individuals are split over them."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        output = Path(handle.name)
+    subprocess.run([sys.executable, __file__, "--calibrate-child", str(folder),
+                    "--cpu-devices", str(cpu_devices), "--max-steps", str(args.max_steps),
+                    "--solver", args.solver, "--outer", args.outer, "--out", str(output)],
+                   check=True)
+    return json.loads(output.read_text())
+
+
+def amici_loop(python: str, folder: Path, individuals: int, processes: int) -> dict:
+    """The AMICI + fides loop in `processes` processes at once, each fitting every
+    `processes`-th individual; its time is the slowest process's fitting time."""
+    arguments = ("--population", str(folder), "--individuals", str(individuals))
+    if processes == 1:
+        return run_amici_side(python, *arguments)
+    run_amici_side(python, "--population", str(folder), "--individuals", "1")  # builds it
+    with ThreadPoolExecutor(processes) as pool:
+        parts = list(pool.map(lambda k: run_amici_side(
+            python, *arguments, "--share", f"{k}/{processes}"), range(processes)))
+    return {"version": parts[0]["version"], "import_s": parts[0]["import_s"],
+            "loop_s": max(p["loop_s"] for p in parts),
+            "converged": sum(p["converged"] for p in parts), "processes": processes}
 
 
 def main():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count()
     parser = argparse.ArgumentParser()
     parser.add_argument("--individuals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--solver", choices=SOLVERS, default=SOLVERS[0])
     parser.add_argument("--outer", choices=OUTERS, default=OUTERS[0])
+    parser.add_argument("--cpu-devices", type=int, nargs="+", default=sorted({1, cores}),
+                        help="calibrate once per count of CPU devices (one process each)")
     parser.add_argument("--amici-python")
+    parser.add_argument("--amici-processes", type=int, nargs="+", default=sorted({1, cores}),
+                        help="run the AMICI loop once per count of parallel processes")
+    parser.add_argument("--calibrate-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "RESULTS_petab_population.md"))
     args = parser.parse_args()
 
     import jax
 
+    if args.calibrate_child:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices[0])
+        jax.config.update("jax_enable_x64", True)
+        ours = calibrate_side(Path(args.calibrate_child), args.max_steps, args.solver,
+                              args.outer)
+        Path(args.out).write_text(json.dumps(ours))
+        return
     jax.config.update("jax_enable_x64", True)
     with tempfile.TemporaryDirectory(prefix="boehm_population_") as tmp:
         folder = Path(tmp)
         truth = write_problem(folder, args.individuals, args.seed)
-        ours = calibrate_side(folder, args.max_steps, args.solver, args.outer)
-        theirs = run_amici_side(args.amici_python, "--population", str(folder),
-                                "--individuals", str(args.individuals)) \
-            if args.amici_python else None
+        ours = [calibrate_in_subprocess(folder, args, k) for k in args.cpu_devices]
+        theirs = [amici_loop(args.amici_python, folder, args.individuals, k)
+                  for k in args.amici_processes] if args.amici_python else []
     report(args, truth, ours, theirs)
 
 
@@ -153,43 +210,59 @@ def report(args, truth, ours, theirs):
 
     import calibrate as cal
 
-    result = ours["result"]
+    options = (f"{'' if args.solver == SOLVERS[0] else ' --solver ' + args.solver}"
+               f"{'' if args.outer == OUTERS[0] else ' --outer ' + args.outer}"
+               f" --cpu-devices {' '.join(map(str, args.cpu_devices))}"
+               + (f" --amici-python AMICI --amici-processes "
+                  f"{' '.join(map(str, args.amici_processes))}" if theirs else ""))
     lines = [
         "# A population of Boehm-sized individuals: calibrate against an AMICI loop",
         "",
         f"`python benchmarks/bench_petab_population.py --individuals {args.individuals}"
-        f"{'' if args.solver == SOLVERS[0] else ' --solver ' + args.solver}"
-        f"{'' if args.outer == OUTERS[0] else ' --outer ' + args.outer}"
-        f"{' --amici-python AMICI' if theirs else ''}` on {platform.node()} "
+        f"{options}` on {platform.node()} "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"jax {jax.__version__}, calibrate {cal.__version__}"
-        f"{', AMICI ' + theirs['version'] if theirs else ''}.",
+        f"{', AMICI ' + theirs[0]['version'] if theirs else ''}.",
         "",
         "| side | what | wall (incl. compile) | compile | converged |",
         "|---|---|---|---|---|",
-        f"| calibrate | hierarchical fit of {args.individuals} individuals "
-        f"({args.outer.upper()}, {result.outer_steps} outer steps, then standard errors) "
-        f"| {ours['wall_s']:.1f} s | "
-        f"{ours['compile_s']:.1f} s "
-        f"| {bool(result.converged)} |",
     ]
-    if theirs:
+    for run in ours:
         lines.append(
-            f"| AMICI + fides | {args.individuals} individual fits, one after another | "
-            f"{theirs['loop_s']:.1f} s ({theirs['loop_s'] / args.individuals:.2f} s each) | "
-            f"{theirs['import_s']:.1f} s (model build) | {theirs['converged']} of "
+            f"| calibrate, {run['devices']} CPU device{'s' * (run['devices'] > 1)} "
+            f"| hierarchical fit of {args.individuals} individuals ({args.outer.upper()}, "
+            f"{run['outer_steps']} outer steps, then standard errors; objective "
+            f"{run['objective']:.6f}) | {run['wall_s']:.1f} s | {run['compile_s']:.1f} s "
+            f"| {run['converged']} |")
+    for run in theirs:
+        processes = run.get("processes", 1)
+        lines.append(
+            f"| AMICI + fides, {processes} process{'es' * (processes > 1)} "
+            f"| {args.individuals} individual fits"
+            f"{', one after another' if processes == 1 else ', split over the processes'} | "
+            f"{run['loop_s']:.1f} s ({run['loop_s'] * processes / args.individuals:.2f} s "
+            f"each) | {run['import_s']:.1f} s (model build) | {run['converged']} of "
             f"{args.individuals} |")
-        lines += ["", f"Ratio AMICI loop / calibrate: {theirs['loop_s'] / ours['wall_s']:.2f}× "
-                  f"(excluding calibrate's compilation: "
-                  f"{theirs['loop_s'] / (ours['wall_s'] - ours['compile_s']):.2f}×)."]
+    if theirs:
+        lines += ["", "Ratios AMICI loop / calibrate (above 1: calibrate faster; in "
+                  "brackets without calibrate's compilation):", "",
+                  "| | " + " | ".join(f"calibrate, {r['devices']} device(s)" for r in ours)
+                  + " |", "|---|" + "---|" * len(ours)]
+        for run in theirs:
+            lines.append(f"| AMICI, {run.get('processes', 1)} process(es) | " + " | ".join(
+                f"{run['loop_s'] / r['wall_s']:.2f}× "
+                f"({run['loop_s'] / (r['wall_s'] - r['compile_s']):.2f}×)" for r in ours)
+                + " |")
     lines += ["", "Estimates against the truth (ω = 0.2 for both random effects):", "",
-              "| parameter | truth | calibrate |", "|---|---|---|"]
+              "| parameter | truth | " + " | ".join(
+                  f"calibrate, {r['devices']} device(s)" for r in ours) + " |",
+              "|---|---|" + "---|" * len(ours)]
     for pid, value in truth.items():
         kind = "median" if pid in RANDOM else "fixed"
-        rows = result.population[result.population.parameter == pid]
-        lines.append(f"| {pid} ({kind}) | {value:.6g} | {rows.estimate.iloc[0]:.6g} |")
-    omega = np.sqrt(np.diag(result.omega))
-    lines.append(f"| ω | 0.2, 0.2 | {', '.join(f'{w:.3g}' for w in omega)} |")
+        lines.append(f"| {pid} ({kind}) | {value:.6g} | " + " | ".join(
+            f"{r['estimates'][pid]:.6g}" for r in ours) + " |")
+    lines.append("| ω | 0.2, 0.2 | " + " | ".join(
+        ", ".join(f"{w:.3g}" for w in r["omega"]) for r in ours) + " |")
     out = Path(args.out)
     partial = out.with_suffix(".partial")
     partial.write_text("\n".join(lines) + "\n")

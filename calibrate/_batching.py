@@ -12,10 +12,17 @@ batch below the threshold keeps it on the calling thread, so the individuals are
 processed in chunks small enough for that (`lax.map(..., batch_size=chunk)`); lanes
 in one chunk no longer wait for the slowest lane of another, either. GPUs batch
 LAPACK-type work on the device and take the whole population in one `vmap`.
+
+With several devices (several GPUs, or CPU devices from `jax_num_cpu_devices`, one per
+core in the CLI) the individuals are split over them with `jax.shard_map`, and each
+device maps its share as above. Its loops stop when its own lanes are done: XLA's
+SPMD partitioner, given the same split as a sharding constraint, kept one program
+whose every while loop all-reduced its stop condition across devices.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -69,22 +76,72 @@ def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
     entries are 0 (mapped over the leading axis) or `None` (shared); every output leaf
     has the individuals on its leading axis.
 
-    With `CALIBRATE_SHARD=1` in the environment and several devices, the individual
-    axis is split over `jax.devices()` (see `_sharded`). It is opt-in because XLA's
-    partitioner all-reduces the stop condition of every vmapped while loop (each ODE
-    and optimiser step) across devices: on two CPU devices of one machine an
-    enzyme-kinetics population evaluation took 7x longer than on one.
+    With several devices (`individual_devices`) the individual axis is split over them
+    (see `_sharded`), each device mapping its share in the same way.
     """
     args, in_axes = tuple(args), tuple(in_axes)
     if any(axis not in (0, None) for axis in in_axes):
         raise ValueError(f"in_axes must be 0 or None, got {in_axes}")
-    devices = jax.devices()
-    if len(devices) > 1 and os.environ.get("CALIBRATE_SHARD", "") == "1":
+    devices = individual_devices()
+    if len(devices) > 1:
         return _sharded(fn, args, in_axes, chunk_size, devices)
-    if chunk_size is None:
+    return _mapped_here(fn, args, in_axes, chunk_size)
+
+
+def individual_devices() -> list:
+    """The devices a batch of individuals is split over: every device of the default
+    backend (on CPU, `jax.config.update("jax_num_cpu_devices", k)` before first use
+    makes k; the CLI takes one per core), or only the first with
+    `CALIBRATE_SHARD=0`."""
+    devices = jax.devices()
+    return devices[:1] if os.environ.get("CALIBRATE_SHARD", "") == "0" else devices
+
+
+def on_individual_devices(tree):
+    """`tree` with its arrays replicated over `individual_devices()` (unchanged on one
+    device, inside a trace, or across processes). The results of a split computation
+    come back replicated over the devices; a compiled function called with them once
+    and with fresh arrays (on the default device) another time would compile twice,
+    so its callers pass every array this way."""
+    devices = individual_devices()
+    if len(devices) == 1 or jax.process_count() > 1:
+        return tree
+    everywhere = NamedSharding(Mesh(np.array(devices), (INDIVIDUALS,)), P())
+
+    def replicated(leaf):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array | np.ndarray):
+            return leaf
+        return jax.device_put(leaf, everywhere)
+
+    return jax.tree.map(replicated, tree)
+
+
+def with_individual_devices(fn: Callable) -> Callable:
+    """`fn` with its arguments passed through `on_individual_devices` first: for a
+    compiled function that takes results of a split computation, so it compiles once.
+    Its arguments must not reach `map_individuals` by closure (a replicated array
+    closed over inside `shard_map` is refused); `map_individuals`'s own arguments
+    may be replicated."""
+
+    @functools.wraps(fn)
+    def with_replicated_arguments(*args, **kwargs):
+        args, kwargs = on_individual_devices((args, kwargs))
+        return fn(*args, **kwargs)
+
+    return with_replicated_arguments
+
+
+def _n_individuals(args, in_axes) -> int:
+    mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
+    return jax.tree.leaves(args[mapped[0]])[0].shape[0]
+
+
+def _mapped_here(fn, args, in_axes, chunk_size):
+    """`map_individuals` on one device."""
+    n = _n_individuals(args, in_axes)
+    if chunk_size is None or chunk_size >= n:
         return jax.vmap(fn, in_axes=in_axes)(*args)
     mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
-    n = jax.tree.leaves(args[mapped[0]])[0].shape[0]
     # Equal chunks of at most `chunk_size`, the last padded with copies of the last
     # individual: `lax.map` would otherwise compile a second vmap of `fn` for the
     # remainder, doubling the compile time of a large population for nothing.
@@ -115,28 +172,51 @@ def _with_mapped(args, mapped, xs):
 
 
 def _sharded(fn, args, in_axes, chunk_size, devices):
-    """`map_individuals` with the individual axis split over `devices` by XLA's SPMD
-    partitioner: each chunk of `len(devices) * chunk_size` individuals is laid out
-    across the devices (sharding constraints on the vmapped axis). `devices` may span
-    the processes of `jax.distributed`; results come back replicated."""
+    """`map_individuals` with the individual axis split over `devices` by
+    `jax.shard_map`: each device maps its own share (padded with copies of the last
+    individual to equal shares) with `_mapped_here`, so its ODE, Newton and
+    optimiser loops stop when its own lanes are done, with no collective inside
+    them. `devices` may span the processes of `jax.distributed`; results come back
+    replicated, so every process can read all of them."""
+    _lineax_ignores_manual_shardings()
     mesh = Mesh(np.array(devices), (INDIVIDUALS,))
-    mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
-    n = jax.tree.leaves(args[mapped[0]])[0].shape[0]
-    width = len(devices) * (chunk_size or -(-n // len(devices)))
-    total = -(-n // width) * width
+    n = _n_individuals(args, in_axes)
+    share = -(-n // len(devices))
+    total = share * len(devices)
+    padded = tuple(jax.tree.map(lambda a: _padded(a, total), arg) if axis == 0 else arg
+                   for arg, axis in zip(args, in_axes))
+    specs = tuple(P(INDIVIDUALS) if axis == 0 else P() for axis in in_axes)
 
-    def spread(tree):
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-            a, NamedSharding(mesh, P(INDIVIDUALS))), tree)
+    def on_one_device(*local):
+        return _mapped_here(fn, local, in_axes, chunk_size)
 
-    def chunk(xs):
-        return spread(jax.vmap(fn, in_axes=in_axes)(*_with_mapped(args, mapped, spread(xs))))
-
-    stacked = tuple(jax.tree.map(lambda a: _padded(a, total).reshape(total // width, width,
-                                                               *a.shape[1:]), args[i])
-                    for i in mapped)
-    out = jax.lax.map(chunk, stacked)
-    # Replicated results: every process of a multi-host run can read all of them.
+    # check_vma=False: equinox and lineax internals (error_if, closure conversion)
+    # do not annotate which values vary across devices.
+    out = jax.shard_map(on_one_device, mesh=mesh, in_specs=specs,
+                        out_specs=P(INDIVIDUALS), check_vma=False)(*padded)
     everywhere = NamedSharding(mesh, P())
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-        a.reshape(total, *a.shape[2:])[:n], everywhere), out)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a[:n], everywhere), out)
+
+
+def _lineax_ignores_manual_shardings() -> None:
+    """Inside `shard_map` every traced value's shape carries the manual mesh as its
+    sharding, while lineax builds an operator's input and output structures without
+    one, so its structure checks (`strip_weak_dtype`, then equality) reject every
+    solve there (lineax issue 185, open in lineax 0.1.1). This makes the two modules
+    whose checks compare structures (`structure_equal` in `lineax._misc`, the
+    vector-against-operator check in `lineax._solve`) compare them without their
+    sharding, which is what lineax means to compare. Elsewhere lineax keeps the
+    sharding: its closure conversions must see the traced values as they are."""
+    import lineax._misc
+    import lineax._solve
+
+    if getattr(lineax._misc.strip_weak_dtype, "ignores_sharding", False):
+        return
+
+    def strip_weak_dtype(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                            if type(x) is jax.ShapeDtypeStruct else x, tree)
+
+    strip_weak_dtype.ignores_sharding = True
+    lineax._misc.strip_weak_dtype = strip_weak_dtype
+    lineax._solve.strip_weak_dtype = strip_weak_dtype

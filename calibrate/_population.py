@@ -47,7 +47,13 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
-from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
+from ._batching import (
+    default_chunk_size,
+    fit_kernel_flops,
+    map_individuals,
+    on_individual_devices,
+    with_individual_devices,
+)
 from ._checkpoint import Checkpoint
 from ._data import Dataset, Measurements
 from ._hypergrad import (
@@ -72,7 +78,12 @@ from ._petab_population import (
     require_population,
 )
 from ._results import result_name
-from ._sensitivity import FORWARD_OVER_FORWARD, AbstractSensitivity, ForwardMode, nested_mode
+from ._sensitivity import (
+    FORWARD_OVER_FORWARD,
+    AbstractSensitivity,
+    ForwardMode,
+    nested_mode,
+)
 from ._simulate import Integrator
 
 
@@ -519,16 +530,19 @@ class AbstractOuterOptimiser(eqx.Module):
 
 # Module-level, so that every run (new data of the same shapes, a resumed fit) reuses
 # the compiled BFGS step instead of tracing a fresh closure.
+@with_individual_devices
 @eqx.filter_jit
 def _bfgs_step(solver, theta, state, evaluation):
     return solver.step(_precomputed, theta, evaluation, {}, state, frozenset())
 
 
+@with_individual_devices
 @eqx.filter_jit
 def _bfgs_terminate(solver, theta, state, evaluation):
     return solver.terminate(_precomputed, theta, evaluation, {}, state, frozenset())
 
 
+@with_individual_devices
 @eqx.filter_jit
 def _bfgs_decrement(state):
     gradient = ravel_pytree(state.f_info.grad)[0]
@@ -782,9 +796,9 @@ class FirstOrder(AbstractOuterOptimiser):
         if resume:
             state = checkpoint.optimiser_state(state)
             done = int(checkpoint.meta()["step"])
-        update = eqx.filter_jit(
+        update = with_individual_devices(eqx.filter_jit(
             lambda g, state, theta: transformation.update(g, state, theta)
-        )
+        ))
         for step in range(done + 1, self.steps + 1):
             e = evaluate(theta, starts)
             starts = _accepted_starts(e.hypergradients, starts)
@@ -871,6 +885,7 @@ class PopulationSetup(eqx.Module):
 
     def evaluate(self, method: AbstractHypergradient, theta, starts) -> _Evaluation:
         """Outer objective, its gradient and every individual's hypergradient."""
+        theta, starts = on_individual_devices((theta, starts))
         return _evaluate(numbers_as_arrays(method), self.bilevel, theta, starts, self.batch,
                          self.chunk_size)
 

@@ -583,6 +583,7 @@ def fit_report(result: cal.FitResult, model: cal.AbstractODEModel, *, model_spec
             "calibrate": cal.__version__, "jax": jax.__version__,
             "diffrax": diffrax.__version__, "optimistix": optimistix.__version__,
         },
+        "devices": [str(d) for d in jax.devices()],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -1386,8 +1387,31 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _one_cpu_device_per_core() -> None:
+    """Split the individuals over the CPU's cores: JAX makes one CPU device for the
+    whole machine, whose loops run on one core at a time, so the CLI asks for one
+    device per core available to it (`CALIBRATE_CPU_DEVICES` sets the count; an
+    `XLA_FLAGS` device count is left alone). `calibrate._batching` then gives each
+    device its own share of the individuals. It must run before JAX starts its
+    backends."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    setting = os.environ.get("CALIBRATE_CPU_DEVICES", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            print_errors([f"CALIBRATE_CPU_DEVICES={setting!r}: expected a positive "
+                          "integer (CPU devices to split the individuals over)"])
+            raise SystemExit(EXIT_INPUT_ERROR)
+        count = int(setting)
+    else:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    jax.config.update("jax_num_cpu_devices", count)
+
+
 def main() -> None:
     """Entry point of the `calibrate` console script."""
+    _one_cpu_device_per_core()
     _enable_compilation_cache()
     app(prog_name="calibrate")
 

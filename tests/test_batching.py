@@ -76,28 +76,102 @@ import jax
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+import jax.numpy as jnp
 import numpy as np
 import calibrate as cal
+from calibrate._batching import individual_devices, map_individuals
 sys.path.insert(0, os.environ["TESTS"])
-from test_batching import _population_evaluation
+from test_batching import (_collectives_in_loops, _evaluation_compiles_once, _lane_loop,
+                           _population_evaluation)
 assert len(jax.devices()) == 4
-print(json.dumps(_population_evaluation(chunk_size=2)))
+x = jnp.linspace(2.0, 100.0, 6)
+mapped = jax.jit(lambda x, s: map_individuals(_lane_loop, (x, s), (0, None), None))
+program = mapped.lower(x, 0.5).compile().as_text()
+result = _population_evaluation(chunk_size=2)
+result["loop"] = np.asarray(mapped(x, 0.5)).tolist()
+result["collectives"] = _collectives_in_loops(program)
+result["compiled_again"] = _evaluation_compiles_once()
+result["devices"] = [len(individual_devices())]
+os.environ["CALIBRATE_SHARD"] = "0"
+result["devices"].append(len(individual_devices()))
+print(json.dumps(result))
 """
+
+
+def _collectives_in_loops(hlo: str) -> dict:
+    """How many while loops an HLO module has, and how many collectives run inside
+    their bodies or conditions (or anything those call)."""
+    import re
+
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+        elif current is not None:
+            computations[current].append(line)
+    loops = [line for lines in computations.values() for line in lines if " while(" in line]
+    reached = set()
+    pending = [name for line in loops
+               for name in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+    while pending:
+        name = pending.pop()
+        if name not in reached:
+            reached.add(name)
+            pending.extend(c for line in computations[name]
+                           for c in re.findall(r"%([\w.\-]+)", line)
+                           if c in computations and c != name)
+    collectives = r"(all-reduce|all-gather|collective-permute|all-to-all)\("
+    return {"loops": len(loops), "in_loops": sum(
+        1 for name in reached for line in computations[name] if re.search(collectives, line))}
+
+
+def _lane_loop(x, factor):
+    """A while loop whose number of iterations differs between lanes."""
+    return jax.lax.while_loop(lambda c: c[0] > 1.0, lambda c: (c[0] * factor, c[1] + 1),
+                              (x, 0))[1]
+
+
+def _population_setup(chunk_size):
+    module = cal.zoo_module("reference")
+    data = module.synthetic_data(jax.random.key(3), n_individuals=6, variability=0.2)
+    return cal.population_setup(module.MODEL(), data, chunk_size=chunk_size,
+                                hierarchy=cal.Hierarchy(random=["p"], fixed=["q"]))
 
 
 def _population_evaluation(chunk_size):
     """Outer objective, hypergradient and inner solutions of a 6-individual population
     (on several devices: 6 padded to 8, two chunks of 2 per device)."""
-    module = cal.zoo_module("reference")
-    data = module.synthetic_data(jax.random.key(3), n_individuals=6, variability=0.2)
-    setup = cal.population_setup(module.MODEL(), data, chunk_size=chunk_size,
-                                 hierarchy=cal.Hierarchy(random=["p"], fixed=["q"]))
+    setup = _population_setup(chunk_size)
     e = setup.evaluate(cal.Implicit(curvature=cal.ForwardHessian()), setup.theta,
                        setup.starts)
     return {"value": float(e.value),
             "gradient": {k: np.asarray(v).tolist() for k, v in e.gradient.items()},
             "inner": np.asarray(e.hypergradients.inner_solution).tolist(),
             "stationarity": np.asarray(e.hypergradients.stationarity).tolist()}
+
+
+def _evaluation_compiles_once() -> int:
+    """Functions compiled by a second population evaluation and an outer BFGS run
+    that start from the first evaluation's results (replicated over the devices
+    when several), after a first run from fresh arrays."""
+    from calibrate._compilation import compilation
+
+    setup = _population_setup(chunk_size=2)
+    method = cal.Implicit(curvature=cal.ForwardHessian())
+    first = setup.evaluate(method, setup.theta, setup.starts)
+    outer = cal.QuasiNewton(max_steps=2)
+
+    def evaluate(theta, starts):
+        return setup.evaluate(method, theta, starts)
+
+    outer.run(evaluate, setup.theta, setup.starts, lambda *_: None)
+    theta = jax.tree.map(lambda t, g: t - 1e-3 * g, setup.theta, first.gradient)
+    with compilation() as log:
+        setup.evaluate(method, theta, first.hypergradients.inner_solution)
+        outer.run(evaluate, theta, first.hypergradients.inner_solution, lambda *_: None)
+    return log.lowered
 
 
 def _run_script(script, env, processes=1):
@@ -107,7 +181,7 @@ def _run_script(script, env, processes=1):
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "CALIBRATE_SHARD": "1", "TESTS": str(Path(__file__).parent),
+    env = {**os.environ, "TESTS": str(Path(__file__).parent),
            "CACHE": str(jax.config.jax_compilation_cache_dir), **env}
     runs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -131,11 +205,22 @@ def _assert_same_evaluation(sharded, single):
 
 
 def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
-    """With four (CPU) devices and CALIBRATE_SHARD=1 the individual axis is split over
-    them by XLA's SPMD partitioner; every number is the one-device result."""
+    """With four (CPU) devices the individual axis is split over them by `shard_map`;
+    every number is the one-device result. Each device runs its own while loops:
+    in the compiled program of a map whose lanes loop different numbers of times no
+    collective runs inside a loop (XLA's SPMD partitioner all-reduced every loop's
+    stop condition across devices, which made an evaluation 7x slower on two CPU
+    devices; this check finds that one). Results come back replicated over the
+    devices, and evaluations and outer steps that start from them compile nothing
+    new. `CALIBRATE_SHARD=0` uses one device."""
     (sharded,) = _run_script(_SHARDED_RUN, {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     _assert_same_evaluation(sharded, _population_evaluation(chunk_size=None))
+    x = jnp.linspace(2.0, 100.0, 6)
+    assert sharded["loop"] == jax.vmap(_lane_loop, (0, None))(x, 0.5).tolist()
+    assert sharded["collectives"] == {"loops": 1, "in_loops": 0}
+    assert sharded["compiled_again"] == 0
+    assert sharded["devices"] == [4, 1]
 
 
 _DISTRIBUTED_RUN = """

@@ -299,6 +299,35 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     ]
 
 
+def test_console_script_splits_individuals_over_cpu_devices(fitted, reference_csv,
+                                                            tmp_path):
+    """`CALIBRATE_CPU_DEVICES=2`: the console script makes two CPU devices and splits
+    the individuals over them, with the one-device fit's numbers; a count that is not
+    a positive integer is refused before anything runs."""
+    from conftest import _CACHE
+
+    env = {**os.environ, "CALIBRATE_CPU_DEVICES": "2", "CALIBRATE_CACHE_DIR": str(_CACHE)}
+    run = subprocess.run(
+        [sys.executable, "-m", "calibrate.cli", "fit", "reference", str(reference_csv),
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "parameters.json").read_text())
+    assert report["devices"] == ["cpu:0", "cpu:1"]
+    one_device = pd.read_csv(fitted[1] / "parameters.csv")
+    two_devices = pd.read_csv(tmp_path / "parameters.csv")
+    for column in ("p", "q", "se_p", "se_q", "loss"):
+        np.testing.assert_allclose(two_devices[column], one_device[column], rtol=1e-8)
+    for bad in ("0", "two"):
+        run = subprocess.run(
+            [sys.executable, "-m", "calibrate.cli", "simulate", "reference"],
+            capture_output=True, text=True, timeout=300,
+            env={**env, "CALIBRATE_CPU_DEVICES": bad})
+        assert run.returncode == 2 and run.stdout == ""
+        assert run.stderr.strip().splitlines() == [
+            f"error: CALIBRATE_CPU_DEVICES='{bad}': expected a positive integer (CPU "
+            "devices to split the individuals over)"]
+
+
 # --------------------------------------------------------------------------------------
 # option parsing and atomic writes (no JAX)
 
