@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
-import lineax as lx
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
 
 
 class NewtonStepTermination(optx.AbstractLeastSquaresSolver):
@@ -67,9 +67,8 @@ class NewtonStepTermination(optx.AbstractLeastSquaresSolver):
         done, result = self.solver.terminate(fn, y, args, options, state, tags)
         # `state.f_info` holds the residuals and Jacobian at the last accepted point,
         # which is `y`; before the first step it is a placeholder of zeros.
-        step = lx.linear_solve(state.f_info.jac, state.f_info.residual, lx.SVD(),
-                               throw=False).value
-        step_length = jnp.linalg.norm(ravel_pytree(step)[0])
+        step_length = jnp.linalg.norm(_minimum_norm_step(
+            state.f_info.jac.as_matrix(), ravel_pytree(state.f_info.residual)[0]))
         y_size = jnp.linalg.norm(ravel_pytree(y)[0])
         scale = jnp.maximum(1.0, y_size)
         short = step_length <= self.tol * scale
@@ -80,6 +79,22 @@ class NewtonStepTermination(optx.AbstractLeastSquaresSolver):
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result) -> tuple[Any, Any, dict]:
         return self.solver.postprocess(fn, y, aux, args, options, state, tags, result)
+
+
+def _minimum_norm_step(jacobian: Float[Array, "m n"], residual: Float[Array, " m"]
+                       ) -> Float[Array, " n"]:
+    r"""The least-squares step $J^+ r$ from the eigendecomposition of the small Gram
+    matrix $J^\top J = V \Lambda V^\top$: $V \Lambda^+ V^\top J^\top r$, dropping
+    eigenvalues below $n\,\epsilon \max\Lambda$ (directions the data do not
+    determine). A batched SVD of $J$ would give the same step but, on CPU, jaxlib
+    splits a large batch of SVDs over the thread pool that the per-device loops of a
+    split population already occupy, and waits for the pieces forever; the
+    $n\times n$ eigendecompositions stay far below its threshold."""
+    gram = jacobian.T @ jacobian
+    values, vectors = jnp.linalg.eigh(gram)
+    keep = values > gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(values)
+    coefficients = vectors.T @ (jacobian.T @ residual)
+    return vectors @ jnp.where(keep, coefficients / jnp.where(keep, values, 1.0), 0.0)
 
 
 def with_newton_step_termination(solver, tol: float, stalled_tol: float | None = None):

@@ -59,3 +59,20 @@ def test_a_looser_tolerance_applies_once_the_solver_stalls():
     stalled = run(with_stall)
     assert int(stalled.stats["num_steps"]) <= 3
     assert float(jnp.linalg.norm(stalled.value - start)) <= 1e-5 * float(jnp.linalg.norm(start))
+
+
+def test_minimum_norm_step_is_the_pseudo_inverse_step():
+    """The Newton-step test's least-squares step (from the Gram matrix's
+    eigendecomposition, not a batched SVD) is J⁺r: the least-squares solution for a
+    full-rank Jacobian and the minimum-norm one when a direction is undetermined."""
+    from calibrate._termination import _minimum_norm_step
+
+    rng = np.random.default_rng(0)
+    jacobian = rng.standard_normal((12, 4))
+    residual = rng.standard_normal(12)
+    np.testing.assert_allclose(_minimum_norm_step(jnp.asarray(jacobian), jnp.asarray(residual)),
+                               np.linalg.lstsq(jacobian, residual, rcond=None)[0], rtol=1e-10)
+    deficient = np.column_stack([jacobian[:, :3], jacobian[:, 0]])  # 4th column = 1st
+    step = _minimum_norm_step(jnp.asarray(deficient), jnp.asarray(residual))
+    np.testing.assert_allclose(step, np.linalg.pinv(deficient) @ residual, rtol=1e-8)
+    assert abs(step[0] - step[3]) < 1e-10  # split evenly: the minimum-norm choice
