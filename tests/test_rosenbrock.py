@@ -32,6 +32,49 @@ def test_converges_with_order_five_on_a_non_autonomous_problem():
     assert errors[-1] < 2e-12
 
 
+@jax.jit
+def _fixed_steps_at(dt, times):
+    term = dfx.ODETerm(lambda t, y, args: -2 * y + jnp.sin(t))
+    solution = dfx.diffeqsolve(term, cal.Rodas5(), 0.0, 2.0, dt, jnp.array([1.0]),
+                               stepsize_controller=dfx.ConstantStepSize(),
+                               saveat=dfx.SaveAt(ts=times), max_steps=256)
+    return solution.ys[:, 0]
+
+
+def _oscillator_with_a_stiff_mode(t, y, args):
+    return jnp.stack([-y[1], y[0], -50.0 * y[2]])
+
+
+def test_dense_output_is_as_accurate_as_the_steps():
+    """Rodas5's own continuous extension: between steps the solution is as accurate
+    as at their ends, with interpolation error of order four. (The cubic Hermite
+    interpolant it replaced was 160x less accurate between the steps of the adaptive
+    solve below.)"""
+    errors = []
+    for n in (10, 20, 40, 80):
+        # The midpoint of every step, padded to one shape with the end point.
+        times = np.full(80, 2.0)
+        times[:n] = (np.arange(n) + 0.5) * 2.0 / n
+        values = np.asarray(_fixed_steps_at(2.0 / n, times))
+        errors.append(float(np.max(np.abs(values - _exact(times)))))
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert np.all(orders > 3.8), orders
+    assert errors[-1] < 1e-9, errors
+
+    times = jnp.linspace(0.0, 3.0, 301)
+    exact = np.stack([np.cos(times), np.sin(times), np.exp(-50 * times)], axis=1)
+    kwargs = dict(stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
+                  max_steps=10_000)
+    term = dfx.ODETerm(_oscillator_with_a_stiff_mode)
+    start = jnp.array([1.0, 0.0, 1.0])
+    dense = dfx.diffeqsolve(term, cal.Rodas5(), 0.0, 3.0, None, start,
+                            saveat=dfx.SaveAt(ts=times), **kwargs)
+    end = dfx.diffeqsolve(term, cal.Rodas5(), 0.0, 3.0, None, start,
+                          saveat=dfx.SaveAt(t1=True), **kwargs)
+    end_error = np.max(np.abs(np.asarray(end.ys[0]) - exact[-1]))
+    assert np.max(np.abs(np.asarray(dense.ys) - exact)) < 3 * end_error
+
+
 def _robertson(t, y, args):
     return jnp.stack([-0.04 * y[0] + 1e4 * y[1] * y[2],
                       0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
