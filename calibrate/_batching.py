@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -200,23 +201,33 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
 
 def _lineax_ignores_manual_shardings() -> None:
     """Inside `shard_map` every traced value's shape carries the manual mesh as its
-    sharding, while lineax builds an operator's input and output structures without
-    one, so its structure checks (`strip_weak_dtype`, then equality) reject every
-    solve there (lineax issue 185, open in lineax 0.1.1). This makes the two modules
-    whose checks compare structures (`structure_equal` in `lineax._misc`, the
-    vector-against-operator check in `lineax._solve`) compare them without their
-    sharding, which is what lineax means to compare. Elsewhere lineax keeps the
-    sharding: its closure conversions must see the traced values as they are."""
-    import lineax._misc
-    import lineax._solve
+    sharding, while lineax builds operators' input and output structures without one,
+    so its structure checks (`eqx.tree_equal` of `ShapeDtypeStruct`s) reject every
+    solve and every symmetric operator there (lineax issue 185, open in lineax
+    0.1.1). This gives each lineax module an `eqx` whose `tree_equal` compares shapes
+    and dtypes without the sharding, which is what lineax means to compare;
+    everything else is equinox itself."""
+    import equinox
 
-    if getattr(lineax._misc.strip_weak_dtype, "ignores_sharding", False):
-        return
+    for name, module in list(sys.modules.items()):
+        if (name == "lineax" or name.startswith("lineax.")) and \
+                getattr(module, "eqx", None) is equinox:
+            module.eqx = _EquinoxComparingUnshardedStructures(equinox)
 
-    def strip_weak_dtype(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-                            if type(x) is jax.ShapeDtypeStruct else x, tree)
 
-    strip_weak_dtype.ignores_sharding = True
-    lineax._misc.strip_weak_dtype = strip_weak_dtype
-    lineax._solve.strip_weak_dtype = strip_weak_dtype
+class _EquinoxComparingUnshardedStructures:
+    """`equinox`, with `tree_equal` ignoring the sharding of `ShapeDtypeStruct`s."""
+
+    def __init__(self, equinox):
+        self._equinox = equinox
+
+    def __getattr__(self, name):
+        return getattr(self._equinox, name)
+
+    def tree_equal(self, *trees, **kwargs):
+        def unsharded(leaf):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type) \
+                if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+
+        return self._equinox.tree_equal(*(jax.tree.map(unsharded, tree) for tree in trees),
+                                        **kwargs)

@@ -82,13 +82,15 @@ import calibrate as cal
 from calibrate._batching import individual_devices, map_individuals
 sys.path.insert(0, os.environ["TESTS"])
 from test_batching import (_collectives_in_loops, _evaluation_compiles_once, _lane_loop,
-                           _population_evaluation)
+                           _lane_minimum, _population_evaluation)
 assert len(jax.devices()) == 4
 x = jnp.linspace(2.0, 100.0, 6)
 mapped = jax.jit(lambda x, s: map_individuals(_lane_loop, (x, s), (0, None), None))
 program = mapped.lower(x, 0.5).compile().as_text()
 result = _population_evaluation(chunk_size=2)
 result["loop"] = np.asarray(mapped(x, 0.5)).tolist()
+result["minima"] = np.asarray(jax.jit(lambda x: map_individuals(_lane_minimum, (x,), (0,),
+                                                                None))(x)).tolist()
 result["collectives"] = _collectives_in_loops(program)
 result["compiled_again"] = _evaluation_compiles_once()
 result["devices"] = [len(individual_devices())]
@@ -125,6 +127,16 @@ def _collectives_in_loops(hlo: str) -> dict:
     collectives = r"(all-reduce|all-gather|collective-permute|all-to-all)\("
     return {"loops": len(loops), "in_loops": sum(
         1 for name in reached for line in computations[name] if re.search(collectives, line))}
+
+
+def _lane_minimum(x):
+    """The minimiser of (y - x)² + y⁴/10 by optimistix's BFGS, whose symmetric
+    inverse-Hessian operator lineax checks for matching structures."""
+    import optimistix as optx
+
+    solution = optx.minimise(lambda y, x: (y - x) ** 2 + 0.1 * y**4, optx.BFGS(1e-10, 1e-10),
+                             jnp.zeros(()), x, max_steps=100)
+    return solution.value
 
 
 def _lane_loop(x, factor):
@@ -206,7 +218,8 @@ def _assert_same_evaluation(sharded, single):
 
 def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
     """With four (CPU) devices the individual axis is split over them by `shard_map`;
-    every number is the one-device result. Each device runs its own while loops:
+    every number is the one-device result, also of a BFGS minimisation per lane
+    (lineax checks its operators' structures). Each device runs its own while loops:
     in the compiled program of a map whose lanes loop different numbers of times no
     collective runs inside a loop (XLA's SPMD partitioner all-reduced every loop's
     stop condition across devices, which made an evaluation 7x slower on two CPU
@@ -218,6 +231,7 @@ def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
     _assert_same_evaluation(sharded, _population_evaluation(chunk_size=None))
     x = jnp.linspace(2.0, 100.0, 6)
     assert sharded["loop"] == jax.vmap(_lane_loop, (0, None))(x, 0.5).tolist()
+    np.testing.assert_allclose(sharded["minima"], jax.vmap(_lane_minimum)(x), rtol=1e-10)
     assert sharded["collectives"] == {"loops": 1, "in_loops": 0}
     assert sharded["compiled_again"] == 0
     assert sharded["devices"] == [4, 1]
