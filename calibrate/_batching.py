@@ -179,7 +179,7 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
     optimiser loops stop when its own lanes are done, with no collective inside
     them. `devices` may span the processes of `jax.distributed`; results come back
     replicated, so every process can read all of them."""
-    _lineax_ignores_manual_shardings()
+    _structures_compared_without_sharding()
     mesh = Mesh(np.array(devices), (INDIVIDUALS,))
     n = _n_individuals(args, in_axes)
     share = -(-n // len(devices))
@@ -199,20 +199,41 @@ def _sharded(fn, args, in_axes, chunk_size, devices):
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a[:n], everywhere), out)
 
 
-def _lineax_ignores_manual_shardings() -> None:
+def _structures_compared_without_sharding() -> None:
     """Inside `shard_map` every traced value's shape carries the manual mesh as its
-    sharding, while lineax builds operators' input and output structures without one,
-    so its structure checks (`eqx.tree_equal` of `ShapeDtypeStruct`s) reject every
-    solve and every symmetric operator there (lineax issue 185, open in lineax
-    0.1.1). This gives each lineax module an `eqx` whose `tree_equal` compares shapes
-    and dtypes without the sharding, which is what lineax means to compare;
-    everything else is equinox itself."""
+    sharding, while lineax builds operators' input and output structures, and
+    equinox the example arguments of its closure conversions (under diffrax's
+    checkpointed reverse mode), without one. Their structure checks
+    (`eqx.tree_equal` of `ShapeDtypeStruct`s) then reject every linear solve,
+    symmetric operator and checkpointed loop there (lineax issue 185, open in lineax
+    0.1.1). This makes those checks compare shapes and dtypes without the sharding,
+    which is what they mean to compare: each lineax module gets an `eqx` whose
+    `tree_equal` does so (everything else is equinox itself), and so does equinox's
+    closure conversion."""
     import equinox
+    import equinox._ad
 
+    if getattr(equinox._ad.tree_equal, "ignores_sharding", False):
+        return
+    equinox._ad.tree_equal = _tree_equal_without_sharding
     for name, module in list(sys.modules.items()):
         if (name == "lineax" or name.startswith("lineax.")) and \
                 getattr(module, "eqx", None) is equinox:
             module.eqx = _EquinoxComparingUnshardedStructures(equinox)
+
+
+def _tree_equal_without_sharding(*trees, **kwargs):
+    """`eqx.tree_equal`, with every `ShapeDtypeStruct` compared without its sharding."""
+    import equinox
+
+    def unsharded(leaf):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type) \
+            if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+
+    return equinox.tree_equal(*(jax.tree.map(unsharded, tree) for tree in trees), **kwargs)
+
+
+_tree_equal_without_sharding.ignores_sharding = True
 
 
 class _EquinoxComparingUnshardedStructures:
@@ -224,10 +245,4 @@ class _EquinoxComparingUnshardedStructures:
     def __getattr__(self, name):
         return getattr(self._equinox, name)
 
-    def tree_equal(self, *trees, **kwargs):
-        def unsharded(leaf):
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type) \
-                if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
-
-        return self._equinox.tree_equal(*(jax.tree.map(unsharded, tree) for tree in trees),
-                                        **kwargs)
+    tree_equal = staticmethod(_tree_equal_without_sharding)

@@ -82,7 +82,7 @@ import calibrate as cal
 from calibrate._batching import individual_devices, map_individuals
 sys.path.insert(0, os.environ["TESTS"])
 from test_batching import (_collectives_in_loops, _evaluation_compiles_once, _lane_loop,
-                           _lane_minimum, _population_evaluation)
+                           _lane_minimum, _lane_slope, _population_evaluation)
 assert len(jax.devices()) == 4
 x = jnp.linspace(2.0, 100.0, 6)
 mapped = jax.jit(lambda x, s: map_individuals(_lane_loop, (x, s), (0, None), None))
@@ -91,6 +91,8 @@ result = _population_evaluation(chunk_size=2)
 result["loop"] = np.asarray(mapped(x, 0.5)).tolist()
 result["minima"] = np.asarray(jax.jit(lambda x: map_individuals(_lane_minimum, (x,), (0,),
                                                                 None))(x)).tolist()
+result["slopes"] = np.asarray(jax.jit(lambda x: map_individuals(_lane_slope, (x,), (0,),
+                                                               None))(x)).tolist()
 result["collectives"] = _collectives_in_loops(program)
 result["compiled_again"] = _evaluation_compiles_once()
 result["devices"] = [len(individual_devices())]
@@ -137,6 +139,19 @@ def _lane_minimum(x):
     solution = optx.minimise(lambda y, x: (y - x) ** 2 + 0.1 * y**4, optx.BFGS(1e-10, 1e-10),
                              jnp.zeros(()), x, max_steps=100)
     return solution.value
+
+
+def _lane_slope(rate):
+    """d y(1) / d rate for y' = -rate y, y(0) = 1, in reverse mode through diffrax's
+    checkpointed loop (equinox closure-converts its body), i.e. -exp(-rate)."""
+    import diffrax as dfx
+
+    def end(rate):
+        return dfx.diffeqsolve(dfx.ODETerm(lambda t, y, r: -r * y), dfx.Tsit5(), 0.0, 1.0,
+                               0.1, 1.0, rate, stepsize_controller=dfx.PIDController(
+                                   rtol=1e-10, atol=1e-12)).ys[-1]
+
+    return jax.grad(end)(rate / 50)
 
 
 def _lane_loop(x, factor):
@@ -219,7 +234,9 @@ def _assert_same_evaluation(sharded, single):
 def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
     """With four (CPU) devices the individual axis is split over them by `shard_map`;
     every number is the one-device result, also of a BFGS minimisation per lane
-    (lineax checks its operators' structures). Each device runs its own while loops:
+    (lineax checks its operators' structures) and of a gradient through diffrax's
+    checkpointed loop (equinox checks its closure conversions' arguments). Each
+    device runs its own while loops:
     in the compiled program of a map whose lanes loop different numbers of times no
     collective runs inside a loop (XLA's SPMD partitioner all-reduced every loop's
     stop condition across devices, which made an evaluation 7x slower on two CPU
@@ -232,6 +249,7 @@ def test_individuals_sharded_over_four_devices_give_the_unsharded_result():
     x = jnp.linspace(2.0, 100.0, 6)
     assert sharded["loop"] == jax.vmap(_lane_loop, (0, None))(x, 0.5).tolist()
     np.testing.assert_allclose(sharded["minima"], jax.vmap(_lane_minimum)(x), rtol=1e-10)
+    np.testing.assert_allclose(sharded["slopes"], -np.exp(-np.asarray(x) / 50), rtol=1e-8)
     assert sharded["collectives"] == {"loops": 1, "in_loops": 0}
     assert sharded["compiled_again"] == 0
     assert sharded["devices"] == [4, 1]
