@@ -158,7 +158,7 @@ def amici_loop(python: str, folder: Path, individuals: int, processes: int) -> d
     `processes`-th individual; its time is the slowest process's fitting time."""
     arguments = ("--population", str(folder), "--individuals", str(individuals))
     if processes == 1:
-        return run_amici_side(python, *arguments)
+        return {**run_amici_side(python, *arguments), "processes": 1}
     run_amici_side(python, "--population", str(folder), "--individuals", "1")  # builds it
     with ThreadPoolExecutor(processes) as pool:
         parts = list(pool.map(lambda k: run_amici_side(
@@ -169,8 +169,9 @@ def amici_loop(python: str, folder: Path, individuals: int, processes: int) -> d
 
 
 def main():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        os.cpu_count()
+    from calibrate._batching import cpu_cores
+
+    cores = cpu_cores()
     parser = argparse.ArgumentParser()
     parser.add_argument("--individuals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -235,7 +236,7 @@ def report(args, truth, ours, theirs):
             f"{run['objective']:.6f}) | {run['wall_s']:.1f} s | {run['compile_s']:.1f} s "
             f"| {run['converged']} |")
     for run in theirs:
-        processes = run.get("processes", 1)
+        processes = run["processes"]
         lines.append(
             f"| AMICI + fides, {processes} process{'es' * (processes > 1)} "
             f"| {args.individuals} individual fits"
@@ -249,7 +250,7 @@ def report(args, truth, ours, theirs):
                   "| | " + " | ".join(f"calibrate, {r['devices']} device(s)" for r in ours)
                   + " |", "|---|" + "---|" * len(ours)]
         for run in theirs:
-            lines.append(f"| AMICI, {run.get('processes', 1)} process(es) | " + " | ".join(
+            lines.append(f"| AMICI, {run['processes']} process(es) | " + " | ".join(
                 f"{run['loop_s'] / r['wall_s']:.2f}× "
                 f"({run['loop_s'] / (r['wall_s'] - r['compile_s']):.2f}×)" for r in ours)
                 + " |")

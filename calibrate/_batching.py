@@ -89,6 +89,13 @@ def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
     return _mapped_here(fn, args, in_axes, chunk_size)
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def individual_devices() -> list:
     """The devices a batch of individuals is split over: every device of the default
     backend (on CPU, `jax.config.update("jax_num_cpu_devices", k)` before first use

@@ -46,7 +46,7 @@ from rich.table import Table
 import calibrate as cal
 
 from . import _report as report
-from ._batching import default_chunk_size, map_individuals
+from ._batching import cpu_cores, default_chunk_size, map_individuals
 from ._io import write_csv_atomic, write_json_atomic
 from ._modelspec import did_you_mean as _did_you_mean, resolve_model
 from ._petab import measurement_table, problem_files
@@ -1404,8 +1404,7 @@ def _one_cpu_device_per_core() -> None:
             raise SystemExit(EXIT_INPUT_ERROR)
         count = int(setting)
     else:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
+        count = cpu_cores()
     jax.config.update("jax_num_cpu_devices", count)
 
 
