@@ -8,9 +8,10 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._fusion import fuse_components
 from ._inputs import AbstractInput
 from ._noise import AbstractNoiseModel, Gaussian
-from ._parameters import Parameter, ParameterError, Params, ParameterSpace
+from ._parameters import Parameter, ParameterError, ParameterSpace, Params
 
 
 class Observable(eqx.Module):
@@ -112,7 +113,7 @@ class AbstractODEModel(eqx.Module):
         """diffrax-style `(t, y, args)` vector field with `args = (params, inputs)`."""
         params, inputs = args
         u = {name: inputs[name](t) for name in self.inputs}
-        return self.rhs(t, x, params, u)
+        return fuse_components(self.rhs)(t, x, params, u)
 
     def describe(self) -> str:
         doc = (type(self).__doc__ or "").strip().splitlines()
