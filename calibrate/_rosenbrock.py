@@ -155,7 +155,11 @@ class Rodas5(dfx.AbstractAdaptiveSolver):
         jacobian = jax.jacfwd(lambda y: field(t0, y))(flat0)
         time_derivative = jax.jvp(lambda t: field(t, flat0), (t0,),
                                   (jnp.ones_like(t0),))[1]
-        w = jnp.eye(flat0.size) / (h * _RODAS5_GAMMA) - jacobian
+        # One division per step: XLA keeps each scalar division in a kernel of its own
+        # (it will not duplicate an expensive operation into its consumers), and the
+        # stages below would otherwise divide 28 coefficients by h.
+        inverse_h = 1 / h
+        w = jnp.eye(flat0.size) * (inverse_h / _RODAS5_GAMMA) - jacobian
         w_inverse = jnp.linalg.inv(jax.lax.stop_gradient(w))
 
         def solve(rhs):
@@ -173,7 +177,7 @@ class Rodas5(dfx.AbstractAdaptiveSolver):
                 stage_value = flat0 + sum(a * k for a, k in zip(_RODAS5_A[i, :i], stages)
                                           if a != 0.0)
                 slope = field(t0 + _RODAS5_NODES[i] * h, stage_value)
-            rhs = slope + sum(c / h * k for c, k in zip(_RODAS5_C[i, :i], stages))
+            rhs = slope + sum(c * inverse_h * k for c, k in zip(_RODAS5_C[i, :i], stages))
             if _RODAS5_TIME_WEIGHTS[i] != 0.0:
                 rhs = rhs + _RODAS5_TIME_WEIGHTS[i] * h * time_derivative
             stages.append(solve(rhs))
