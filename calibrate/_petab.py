@@ -842,7 +842,8 @@ class _Loader:
         pre_of = np.full(C, -1, int)
         steady_measured = np.zeros(C, bool)
         sim_index = {cid: c for c, cid in enumerate(simulated)}
-        for i, row in frame.iterrows():
+        # Plain dicts: a pandas Series per row costs 70 µs, 35 s for half a million rows.
+        for i, row in zip(frame.index, frame.to_dict("records")):
             oid = row["observableId"]
             if oid not in observable_ids:
                 self.issues.append(measurements.issue(
@@ -945,26 +946,29 @@ class _Loader:
             padded = lambda a, fill: np.concatenate([a, np.full((pad, *a.shape[1:]), fill,
                                                                 dtype=a.dtype)])
             slots = lambda m: _Mapping(
-                jnp.asarray(padded(np.asarray(m.source)[rows], -1), dtype=jnp.int32),
-                jnp.asarray(padded(np.asarray(m.value)[rows], _UNUSED_SLOT)))
+                np.asarray(padded(np.asarray(m.source)[rows], -1), dtype=np.int32),
+                np.asarray(padded(np.asarray(m.value)[rows], _UNUSED_SLOT)))
             return MeasurementSet(
                 conditions=as_int(used + [used[0]] * (n_conditions - len(used))),
                 condition=as_int(padded(np.array([local[c] for c in m_condition[rows]],
                                                  int), 0)),
                 time=as_int(padded(m_time_index[rows], 0)),
                 observable=as_int(padded(m_observable[rows], 0)),
-                value=jnp.asarray(padded(m_value[rows], 1.0)),
+                value=np.asarray(padded(m_value[rows], 1.0), dtype=float),
                 transformation=as_int(padded(transformation_codes[rows], 0)),
                 distribution=as_int(padded(distribution_codes[rows], 0)),
                 observable_slots=slots(obs_slot_values),
                 noise_slots=slots(noise_slot_values),
-                mask=jnp.asarray(padded(np.ones(len(rows), bool), False)),
+                mask=padded(np.ones(len(rows), bool), False),
                 row=as_int(padded(rows, -1)),
             )
 
-        as_int = lambda a: jnp.asarray(a, dtype=jnp.int32)
+        # Built in numpy and moved to JAX once: stacking thousands of individuals'
+        # device arrays with jnp.stack compiles a concatenation of thousands of operands.
+        as_int = lambda a: np.asarray(a, dtype=np.int32)
         distinct_pre = [int(q) for q in dict.fromkeys(pre_of) if q >= 0]
-        everything = measurement_set(np.arange(M), len(used_simulation), M)
+        everything = jax.tree.map(jnp.asarray,
+                                  measurement_set(np.arange(M), len(used_simulation), M))
         individual_ids, per_individual = [], None
         if individual_rows:
             individual_ids = list(individual_rows)
@@ -972,7 +976,7 @@ class _Loader:
             n_rows = max(len(g) for g in groups)
             n_conditions = max(len(set(m_condition[g])) for g in groups)
             sets = [measurement_set(g, n_conditions, n_rows) for g in groups]
-            per_individual = jax.tree.map(lambda *a: jnp.stack(a), *sets)
+            per_individual = jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *sets)
         roles = ([r["population"] for r in estimated] if individual_rows else [])
         return PEtabProblem(
             model=model,
