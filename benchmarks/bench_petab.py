@@ -128,19 +128,23 @@ def bench_amici(python: str, names, repeats: int) -> dict:
                           *(["--yaml", *zoo] if zoo else []))
 
 
+def json_from_process(command: list[str], env: dict | None = None) -> dict:
+    """Runs `command --out FILE` and returns the JSON it wrote to FILE."""
+    with tempfile.TemporaryDirectory(prefix="calibrate_bench_") as folder:
+        output = Path(folder) / "out.json"
+        subprocess.run([*command, "--out", str(output)], check=True, env=env)
+        return json.loads(output.read_text())
+
+
 def run_amici_side(python: str, *arguments: str) -> dict:
     """`amici_side.py` under the AMICI environment's `python` (its SWIG first on PATH,
     one thread); returns what it wrote."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        output = handle.name
-    command = [python, str(Path(__file__).with_name("amici_side.py")), "--out", output,
-               *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     venv_bin = str(Path(python).parent)
     environment["PATH"] = venv_bin + os.pathsep + environment.get("PATH", "")
     environment["SWIG"] = str(Path(venv_bin) / "swig")
-    subprocess.run(command, check=True, env=environment)
-    return json.loads(Path(output).read_text())
+    return json_from_process(
+        [python, str(Path(__file__).with_name("amici_side.py")), *arguments], environment)
 
 
 def bench_multistart(n_starts: int) -> dict:

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench_petab import run_amici_side
+from bench_petab import json_from_process, run_amici_side
 
 
 HERE = Path(__file__).resolve().parent
@@ -144,13 +143,10 @@ def calibrate_side(folder: Path, max_steps: int, solver: str, outer: str) -> dic
 def calibrate_in_subprocess(folder: Path, args, cpu_devices: int) -> dict:
     """`calibrate_side` in a fresh process with `cpu_devices` CPU devices (JAX fixes its
     device count when it starts): the individuals are split over them."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        output = Path(handle.name)
-    subprocess.run([sys.executable, __file__, "--calibrate-child", str(folder),
-                    "--cpu-devices", str(cpu_devices), "--max-steps", str(args.max_steps),
-                    "--solver", args.solver, "--outer", args.outer, "--out", str(output)],
-                   check=True)
-    return json.loads(output.read_text())
+    return json_from_process([sys.executable, __file__, "--calibrate-child", str(folder),
+                              "--cpu-devices", str(cpu_devices),
+                              "--max-steps", str(args.max_steps), "--solver", args.solver,
+                              "--outer", args.outer])
 
 
 def amici_loop(python: str, folder: Path, individuals: int, processes: int) -> dict:

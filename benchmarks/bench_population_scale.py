@@ -21,12 +21,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_petab import json_from_process
 from bench_petab_population import write_problem
 
 
@@ -75,13 +75,9 @@ def measure(folder: Path, repeats: int, cpu_devices: int | None) -> dict:
 
 
 def in_subprocess(folder: Path, repeats: int, cpu_devices: int | None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        output = Path(handle.name)
-    subprocess.run([sys.executable, __file__, "--child", str(folder), "--repeats",
-                    str(repeats), "--out", str(output),
-                    *(["--cpu-devices", str(cpu_devices)] if cpu_devices else [])],
-                   check=True)
-    return json.loads(output.read_text())
+    return json_from_process([sys.executable, __file__, "--child", str(folder),
+                              "--repeats", str(repeats),
+                              *(["--cpu-devices", str(cpu_devices)] if cpu_devices else [])])
 
 
 def main():

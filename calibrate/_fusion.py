@@ -69,13 +69,13 @@ def _evaluate(jaxpr: jax_core.Jaxpr, consts, args) -> list:
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
-        dtype = eqn.outvars[0].aval.dtype if eqn.outvars else None
         if name == "stack" and len(inputs) > _FUSED_CONCATENATE_LIMIT:
             axis = eqn.params["axis"]
             pieces = [jnp.expand_dims(p, axis) for p in inputs]
-            outputs = [_select_chain(pieces, axis, dtype)]
+            outputs = [_select_chain(pieces, axis, eqn.outvars[0].aval.dtype)]
         elif name == "concatenate" and _many_unit_pieces(eqn):
-            outputs = [_select_chain(inputs, eqn.params["dimension"], dtype)]
+            outputs = [_select_chain(inputs, eqn.params["dimension"],
+                                     eqn.outvars[0].aval.dtype)]
         elif name in ("pjit", "jit") and not eqn.effects:
             # A jitted helper (jnp functions are) may build the vector itself.
             inner = eqn.params["jaxpr"]
