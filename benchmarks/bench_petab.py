@@ -128,11 +128,25 @@ def bench_amici(python: str, names, repeats: int) -> dict:
                           *(["--yaml", *zoo] if zoo else []))
 
 
+_CHILD_ENVIRONMENT: dict | None = None
+
+
+def leave_the_device_to_children() -> None:
+    """For a parent process that only writes problems and collects its children's
+    results, called before it first touches a device: it takes no GPU memory ahead
+    (JAX's default is 75 % of it), so its benchmark children start with the whole
+    device, and they run in the environment the parent started with."""
+    global _CHILD_ENVIRONMENT
+    _CHILD_ENVIRONMENT = dict(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def json_from_process(command: list[str], env: dict | None = None) -> dict:
     """Runs `command --out FILE` and returns the JSON it wrote to FILE."""
     with tempfile.TemporaryDirectory(prefix="calibrate_bench_") as folder:
         output = Path(folder) / "out.json"
-        subprocess.run([*command, "--out", str(output)], check=True, env=env)
+        subprocess.run([*command, "--out", str(output)], check=True,
+                       env=env if env is not None else _CHILD_ENVIRONMENT)
         return json.loads(output.read_text())
 
 

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench_petab import json_from_process, run_amici_side
+from bench_petab import json_from_process, leave_the_device_to_children, run_amici_side
 
 
 HERE = Path(__file__).resolve().parent
@@ -134,7 +134,8 @@ def calibrate_side(folder: Path, max_steps: int, solver: str, outer: str) -> dic
     population = result.population
     return {"wall_s": wall, "compile_s": log.seconds, "outer_steps": int(result.outer_steps),
             "converged": bool(result.converged), "objective": float(result.objective),
-            "devices": len(jax.devices()),
+            "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
+            "device_kind": jax.devices()[0].device_kind,
             "estimates": {pid: float(population[population.parameter == pid].estimate.iloc[0])
                           for pid in (*RANDOM, *SHARED)},
             "omega": np.sqrt(np.diag(result.omega)).tolist()}
@@ -192,6 +193,7 @@ def main():
                               args.outer)
         Path(args.out).write_text(json.dumps(ours))
         return
+    leave_the_device_to_children()
     jax.config.update("jax_enable_x64", True)
     with tempfile.TemporaryDirectory(prefix="boehm_population_") as tmp:
         folder = Path(tmp)
@@ -200,6 +202,13 @@ def main():
         theirs = [amici_loop(args.amici_python, folder, args.individuals, k)
                   for k in args.amici_processes] if args.amici_python else []
     report(args, truth, ours, theirs)
+
+
+def where(run: dict) -> str:
+    """The devices a calibrate run used, e.g. "2 CPU devices" or "1 GPU device (H100)"."""
+    platform_ = run.get("platform", "cpu")
+    kind = "" if platform_ == "cpu" else f" ({run['device_kind']})"
+    return f"{run['devices']} {platform_.upper()} device{'s' * (run['devices'] > 1)}{kind}"
 
 
 def report(args, truth, ours, theirs):
@@ -226,7 +235,7 @@ def report(args, truth, ours, theirs):
     ]
     for run in ours:
         lines.append(
-            f"| calibrate, {run['devices']} CPU device{'s' * (run['devices'] > 1)} "
+            f"| calibrate, {where(run)} "
             f"| hierarchical fit of {args.individuals} individuals ({args.outer.upper()}, "
             f"{run['outer_steps']} outer steps, then standard errors; objective "
             f"{run['objective']:.6f}) | {run['wall_s']:.1f} s | {run['compile_s']:.1f} s "
@@ -243,7 +252,7 @@ def report(args, truth, ours, theirs):
     if theirs:
         lines += ["", "Ratios AMICI loop / calibrate (above 1: calibrate faster; in "
                   "brackets without calibrate's compilation):", "",
-                  "| | " + " | ".join(f"calibrate, {r['devices']} device(s)" for r in ours)
+                  "| | " + " | ".join(f"calibrate, {where(r)}" for r in ours)
                   + " |", "|---|" + "---|" * len(ours)]
         for run in theirs:
             lines.append(f"| AMICI, {run['processes']} process(es) | " + " | ".join(
@@ -252,7 +261,7 @@ def report(args, truth, ours, theirs):
                 + " |")
     lines += ["", "Estimates against the truth (ω = 0.2 for both random effects):", "",
               "| parameter | truth | " + " | ".join(
-                  f"calibrate, {r['devices']} device(s)" for r in ours) + " |",
+                  f"calibrate, {where(r)}" for r in ours) + " |",
               "|---|---|" + "---|" * len(ours)]
     for pid, value in truth.items():
         kind = "median" if pid in RANDOM else "fixed"

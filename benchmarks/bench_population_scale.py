@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_petab import json_from_process
+from bench_petab import json_from_process, leave_the_device_to_children
 from bench_petab_population import write_problem
 
 
@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 def measure(folder: Path, repeats: int, cpu_devices: int | None) -> dict:
     """Evaluations of the population in `folder`, in this process."""
     import jax
+    import jax.numpy as jnp
 
     if cpu_devices:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
@@ -69,6 +70,8 @@ def measure(folder: Path, repeats: int, cpu_devices: int | None) -> dict:
         "compile_s": log.seconds, "warm_s": statistics.median(times),
         "stationary": int(evaluation.hypergradients.stationary.sum()),
         "objective": float(evaluation.value),
+        "gradient_norm": float(jnp.sqrt(sum(jnp.sum(g**2) for g in
+                                            jax.tree.leaves(evaluation.gradient)))),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mb": stats["peak_bytes_in_use"] / 2**20 if stats else None,
     }
@@ -98,6 +101,7 @@ def main():
         Path(args.out).write_text(json.dumps(
             measure(Path(args.child), args.repeats, args.cpu_devices)))
         return
+    leave_the_device_to_children()
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -134,8 +138,8 @@ def report(args, rows):
         f"{args.repeats}), what each outer step costs; throughput = N / warm.",
         "",
         "| N | devices | load s | first s | compile s | warm s | individuals / s "
-        "| stationary | peak RSS MB | peak device MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stationary | objective | ‖gradient‖ | peak RSS MB | peak device MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         device = f"{r['peak_device_mb']:.0f}" if r["peak_device_mb"] else ""
@@ -143,6 +147,7 @@ def report(args, rows):
             f"| {r['individuals']} | {r['devices']} × {r['platform']} | {r['load_s']:.1f} "
             f"| {r['first_s']:.1f} | {r['compile_s']:.1f} | {r['warm_s']:.2f} "
             f"| {r['individuals'] / r['warm_s']:.0f} | {r['stationary']} "
+            f"| {r['objective']:.9g} | {r['gradient_norm']:.9g} "
             f"| {r['peak_rss_mb']:.0f} | {device} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
