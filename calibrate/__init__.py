@@ -7,6 +7,10 @@ Runtime checks inside equinox/lineax/optimistix return NaN instead of raising
 that have already finished keep executing solver bodies on frozen, sometimes
 non-finite, values, and a raising check there would abort every individual for
 garbage that is discarded anyway. Failures are reported through `RESULTS` codes.
+
+Compiled executables are kept on disk across processes (`~/.cache/calibrate/jax`;
+`CALIBRATE_CACHE_DIR` moves it, `off` disables it; a directory JAX was already given
+is used as it is).
 """
 
 import os
@@ -28,6 +32,11 @@ import jax  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)
+
+from ._compilation import enable_persistent_cache  # noqa: E402
+
+
+enable_persistent_cache()
 
 from ._data import (  # noqa: E402
     DataError as DataError,

@@ -1371,22 +1371,6 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
     _print_population_result(result, problem.model.name, problems, objective, written, out)
 
 
-def _enable_compilation_cache() -> None:
-    """Keep compiled functions on disk across runs (`CALIBRATE_CACHE_DIR`, default
-    ~/.cache/calibrate/jax; `off` disables): a second fit of a problem of the same
-    shapes skips most of its compile time."""
-    setting = os.environ.get("CALIBRATE_CACHE_DIR", "")
-    if setting.lower() == "off":
-        return
-    directory = Path(setting) if setting else Path.home() / ".cache" / "calibrate" / "jax"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # a read-only home: run without the cache
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def _one_cpu_device_per_core() -> None:
     """Split the individuals over the CPU's cores: JAX makes one CPU device for the
     whole machine, whose loops run on one core at a time, so the CLI asks for one
@@ -1411,7 +1395,6 @@ def _one_cpu_device_per_core() -> None:
 def main() -> None:
     """Entry point of the `calibrate` console script."""
     _one_cpu_device_per_core()
-    _enable_compilation_cache()
     app(prog_name="calibrate")
 
 
