@@ -297,7 +297,7 @@ class PEtabProblem(eqx.Module):
             x0 = jnp.where(slot >= 0, after, x0)
             result = RESULTS.where(slot >= 0, pre_result, result)
         trajectory = simulate(
-            self.model, params, self.times[condition], integrator=self.integrator,
+            self.model, params, _row(self.times, condition), integrator=self.integrator,
             sensitivity=self.sensitivity, initial_state=x0,
         )
         result = RESULTS.where(result == RESULTS.successful, trajectory.result, result)
@@ -428,6 +428,16 @@ class PEtabProblem(eqx.Module):
         return problem.sensitivity.value_and_grad(
             lambda z: problem.negative_log_likelihood(z), jnp.asarray(x, dtype=float)
         )
+
+
+def _row(table: Float[Array, "C T"], index: Int[Array, ""]) -> Float[Array, " T"]:
+    """`table[index]` as a masked sum. Batched over individuals, the gather a plain
+    index becomes (of a one-row table, the usual single condition) sent XLA's CPU
+    algebraic simplifier round a rewrite cycle that it reports as an error, eleven
+    times per compile of a population's solve; a masked sum compiles cleanly and costs
+    C × T additions."""
+    chosen = jnp.arange(table.shape[0]) == index
+    return jnp.sum(jnp.where(chosen[:, None], table, 0.0), axis=0)
 
 
 def _checked(value, residuals, result):
