@@ -206,9 +206,9 @@ def main():
 
 def where(run: dict) -> str:
     """The devices a calibrate run used, e.g. "2 CPU devices" or "1 GPU device (H100)"."""
-    platform_ = run.get("platform", "cpu")
-    kind = "" if platform_ == "cpu" else f" ({run['device_kind']})"
-    return f"{run['devices']} {platform_.upper()} device{'s' * (run['devices'] > 1)}{kind}"
+    kind = "" if run["platform"] == "cpu" else f" ({run['device_kind']})"
+    return (f"{run['devices']} {run['platform'].upper()} "
+            f"device{'s' * (run['devices'] > 1)}{kind}")
 
 
 def report(args, truth, ours, theirs):

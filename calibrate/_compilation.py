@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def enable_persistent_cache() -> Path | None:
     `~/.cache/calibrate/jax` (an executable takes about 1 MB there; JAX's size bound,
     `jax_compilation_cache_max_size`, needs the `filelock` package).
     `CALIBRATE_CACHE_DIR=off` leaves JAX's own settings alone, and so does a home
-    directory that cannot be written. Returns the directory in use, if any."""
+    directory that cannot be written; a `CALIBRATE_CACHE_DIR` that cannot be created
+    does too, with a warning naming it. Returns the directory in use, if any."""
     setting = os.environ.get("CALIBRATE_CACHE_DIR", "").strip()
     if setting.lower() == "off":
         return None
@@ -30,7 +32,11 @@ def enable_persistent_cache() -> Path | None:
     directory = Path(setting) if setting else Path.home() / ".cache" / "calibrate" / "jax"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except OSError as error:
+        if setting:
+            warnings.warn(f"CALIBRATE_CACHE_DIR={setting!r}: cannot create this directory "
+                          f"({error.strerror}); compiling without the persistent cache",
+                          stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     return directory

@@ -30,11 +30,11 @@ def _child(tmp_path, **env) -> dict:
     done = subprocess.run([sys.executable, "-c", _CHILD], env=environment,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
 @pytest.mark.parametrize("case", ["default", "calibrate_dir", "jax_dir", "both", "off",
-                                  "unwritable_home"])
+                                  "unwritable_home", "unusable_calibrate_dir"])
 def test_import_switches_the_persistent_cache_on_where_the_user_allows(tmp_path, case):
     home_cache = tmp_path / "home" / ".cache" / "calibrate" / "jax"
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
@@ -46,10 +46,15 @@ def test_import_switches_the_persistent_cache_on_where_the_user_allows(tmp_path,
                  ours),
         "off": ({"CALIBRATE_CACHE_DIR": "off"}, None),
         "unwritable_home": ({}, None),
+        "unusable_calibrate_dir": ({"CALIBRATE_CACHE_DIR": str(ours)}, None),
     }[case]
-    if case == "unwritable_home":
-        (tmp_path / "home").write_text("a file where the home directory should be")
+    if case in ("unwritable_home", "unusable_calibrate_dir"):
+        blocker = tmp_path / ("home" if case == "unwritable_home" else "ours")
+        blocker.write_text("a file where a directory should be")
     report = _child(tmp_path, **env)
+    # Only a directory the user named is worth a warning.
+    named = case == "unusable_calibrate_dir"
+    assert (f"CALIBRATE_CACHE_DIR={str(ours)!r}: cannot create" in report["stderr"]) == named
     if expected is None:
         assert report["directory"] is None
         return

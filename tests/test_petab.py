@@ -105,17 +105,18 @@ def test_every_sensitivity_method_gives_the_gradient(boehm):
 
 def test_a_batch_of_individuals_compiles_cleanly_and_predicts_each(boehm, capfd):
     """Individuals batched over their measurement sets, as a population batches them:
-    each gets its own predictions, and XLA compiles the batch without the CPU
-    simplifier's rewrite-cycle error that a gathered time grid caused."""
+    every lane gives the unbatched predictions, and XLA compiles the batch without the
+    CPU simplifier's rewrite-cycle error that a gathered time grid caused."""
     reference = REFERENCE["Boehm_JProteomeRes2014"]
     theta = boehm.theta(jnp.asarray(_vector(reference, reference["x_nominal_scaled"])))
     batch = jax.tree.map(lambda a: jnp.stack([a, a]), boehm.measurements)
     batched = jax.jit(jax.vmap(lambda m: boehm.predict(theta, m)[0]))
+    cached = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         compiled = batched.lower(batch).compile()
     finally:
-        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_enable_compilation_cache", cached)
     assert "circular simplification" not in capfd.readouterr().err
     single = jax.jit(lambda m: boehm.predict(theta, m)[0])(boehm.measurements)
     np.testing.assert_allclose(np.asarray(compiled(batch)), np.stack([single] * 2),
