@@ -166,6 +166,7 @@ from ._results import (  # noqa: E402
 from ._sbml import SBMLError as SBMLError, SBMLModel as SBMLModel, load_sbml as load_sbml  # noqa: E402
 from ._sensitivity import (  # noqa: E402
     AbstractSensitivity as AbstractSensitivity,
+    Automatic as Automatic,
     ContinuousAdjoint as ContinuousAdjoint,
     DirectDifferentiation as DirectDifferentiation,
     DiscreteAdjoint as DiscreteAdjoint,

@@ -27,7 +27,12 @@ from ._model import AbstractODEModel
 from ._objective import Objective
 from ._parameters import ParameterSpace
 from ._results import RESULTS, result_message, result_name
-from ._sensitivity import AbstractSensitivity, ForwardMode, with_materialised_jacobian
+from ._sensitivity import (
+    AbstractSensitivity,
+    Automatic,
+    for_optimiser,
+    with_materialised_jacobian,
+)
 from ._simulate import Integrator
 
 
@@ -91,6 +96,7 @@ class FitResult(eqx.Module):
       information $(J^\\top J)^{-1}$ of the residuals (inf where not identifiable).
     - `steps`: optimiser steps of the best start; `result`: a `RESULTS` code.
     - `start_losses`: final loss of every start, shape (N, n_starts).
+    - `sensitivity`: the strategy the optimiser's derivatives were taken by.
     """
 
     individuals: tuple[str, ...] = eqx.field(static=True)
@@ -104,6 +110,7 @@ class FitResult(eqx.Module):
     steps: Int[Array, " N"]
     result: Int[Array, " N"]
     start_losses: Float[Array, "N n_starts"]
+    sensitivity: str = eqx.field(static=True, default="")
 
     @property
     def converged(self) -> Bool[Array, " N"]:
@@ -163,6 +170,13 @@ def solve_optimum(solver, x0, args, *, sensitivity: AbstractSensitivity, max_ste
     return solution.value, solution.result._value, solution.stats["num_steps"]
 
 
+def _optimised(objective: Objective, solver, lanes: int) -> Objective:
+    """`objective` with the sensitivity `solver`'s derivatives in `lanes` batched fits
+    are taken by."""
+    return for_optimiser(objective, objective.n_parameters,
+                         gradients=isinstance(solver, optx.AbstractMinimiser), lanes=lanes)
+
+
 def _solve_one(objective: Objective, solver, z0, data: Measurements, inputs, max_steps):
     return solve_optimum(
         solver, z0, (data, inputs), sensitivity=objective.sensitivity, max_steps=max_steps,
@@ -219,9 +233,11 @@ def _fit_batch(objective: Objective, solver, z0s, data: Measurements, inputs, ma
     """vmap over individuals (axis 0 of data, inputs, z0s; `chunk_size` at a time if
     given) and starts (axis 1 of z0s)."""
 
+    optimised = _optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
+
     def one_individual(z0s, data, inputs):
         def one_start(z0):
-            z, solver_result, steps = _solve_one(objective, solver, z0, data, inputs,
+            z, solver_result, steps = _solve_one(optimised, solver, z0, data, inputs,
                                                  max_steps)
             loss, _ = objective.negative_log_likelihood(z, data, inputs)
             return z, solver_result, steps, loss
@@ -250,7 +266,7 @@ def fit(
         optx.LevenbergMarquardt(rtol=1e-8, atol=1e-8)
     ),
     integrator: Integrator = Integrator(),
-    sensitivity: AbstractSensitivity = ForwardMode(),
+    sensitivity: AbstractSensitivity = Automatic(),
     max_steps: int = 256,
     seed: int = 0,
 ) -> FitResult:
@@ -264,7 +280,10 @@ def fit(
     - `start`: start point (natural scale) of the first start; default: defaults.
     - `starts`: `SobolStarts(n)` / `LatinHypercubeStarts(n)` adds n start points.
     - `solver`: optimistix least-squares solver (on residuals) or minimiser (on $L$).
-    - `integrator`, `sensitivity`: ODE solver settings and derivative method.
+    - `integrator`, `sensitivity`: ODE solver settings and derivative method. The
+      default, `Automatic()`, takes least-squares Jacobians and standard errors in
+      forward mode, and a minimiser's gradients by the discrete adjoint when there
+      are many parameters.
     - `max_steps`: optimiser step limit per start; `seed`: for the start points.
 
     **Returns:** a `FitResult` with one row per individual. Never raises on a failed
@@ -310,4 +329,6 @@ def fit(
         steps=steps,
         result=result,
         start_losses=losses,
+        sensitivity=type(_optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
+                         .sensitivity).__name__,
     )

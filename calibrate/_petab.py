@@ -53,7 +53,7 @@ from ._sbml import (
     model_arguments,
     read_sbml,
 )
-from ._sensitivity import AbstractSensitivity, ForwardMode
+from ._sensitivity import AbstractSensitivity, Automatic, for_optimiser
 from ._simulate import Integrator, simulate, steady_state
 
 
@@ -420,11 +420,13 @@ class PEtabProblem(eqx.Module):
         return out, value, result
 
     def value_and_gradient(self, x, sensitivity: AbstractSensitivity | None = None):
-        """Negative log-likelihood and its gradient w.r.t. `x` (parameter scale), in the
-        problem's sensitivity mode unless another is given."""
+        """Negative log-likelihood and its gradient w.r.t. `x` (parameter scale), by the
+        problem's sensitivity (for the number of estimated parameters) unless another
+        is given."""
         problem = self if sensitivity is None else eqx.tree_at(
             lambda p: p.sensitivity, self, sensitivity
         )
+        problem = for_optimiser(problem, len(self.estimated_ids), gradients=True)
         return problem.sensitivity.value_and_grad(
             lambda z: problem.negative_log_likelihood(z), jnp.asarray(x, dtype=float)
         )
@@ -471,13 +473,15 @@ def load_petab(
     yaml_path: str | os.PathLike,
     *,
     integrator: Integrator = Integrator(),
-    sensitivity: AbstractSensitivity = ForwardMode(),
+    sensitivity: AbstractSensitivity = Automatic(),
     steady_state_tolerances: tuple[float, float] = (1e-10, 1e-12),
 ) -> PEtabProblem:
     """Read a PEtab v1 or v2 problem (its YAML file) into a `PEtabProblem`.
 
     Every problem found is reported at once in a `PEtabError` naming file, row and
-    column; unsupported features are refused by name.
+    column; unsupported features are refused by name. The default `sensitivity`,
+    `Automatic()`, takes gradients by the discrete adjoint for problems with many
+    estimated parameters and forward sensitivities otherwise.
     """
     return _Loader(Path(yaml_path)).load(integrator, sensitivity, steady_state_tolerances)
 

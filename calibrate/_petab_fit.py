@@ -28,6 +28,7 @@ from ._compilation import compilation
 from ._fit import AbstractStarts, SobolStarts, solve_optimum
 from ._petab import PEtabProblem
 from ._results import RESULTS, result_name
+from ._sensitivity import for_optimiser
 
 
 class PEtabFitResult(eqx.Module):
@@ -37,7 +38,8 @@ class PEtabFitResult(eqx.Module):
     `objective` the negative log-likelihood plus negative log-prior at each end point,
     `result` a `RESULTS` code per start, `wall_seconds` the whole batched run
     (compilation included, `compile_seconds` of it: zero when a problem of the same
-    shapes was fitted before in this process).
+    shapes was fitted before in this process), `sensitivity` the strategy the
+    optimiser's derivatives were taken by.
     """
 
     estimated_ids: tuple[str, ...] = eqx.field(static=True)
@@ -48,6 +50,7 @@ class PEtabFitResult(eqx.Module):
     start_index: Int[Array, " S"]
     wall_seconds: float = eqx.field(static=True)
     compile_seconds: float = eqx.field(static=True)
+    sensitivity: str = eqx.field(static=True, default="")
 
     @property
     def best_x(self) -> Float[Array, " E"]:
@@ -150,6 +153,8 @@ def fit_petab(
                           problem.integrator.tangent_solves()),
         lanes_per_individual=len(problem.condition_ids),
     )
+    problem = for_optimiser(problem, n_p, lanes=n_starts,
+                            gradients=isinstance(solver, optx.AbstractMinimiser))
     started = time.perf_counter()
     # One compiled function per problem shape, reused by later calls.
     with compilation() as compiling:
@@ -163,4 +168,5 @@ def fit_petab(
         estimated_ids=problem.estimated_ids,
         x=x[order], objective=value[order], steps=steps[order], result=result[order],
         start_index=order, wall_seconds=wall, compile_seconds=compile_seconds,
+        sensitivity=type(problem.sensitivity).__name__,
     )

@@ -39,7 +39,7 @@ max_steps = 20000
 max_steps = 64
 
 [sensitivity]
-method = "forward"                  # forward | direct | discrete-adjoint | continuous-adjoint
+method = "auto"                     # auto | forward | direct | discrete-adjoint | continuous-adjoint
 
 [hypergradient]
 curvature = "forward-hessian"       # forward-hessian | gauss-newton | exact
@@ -94,7 +94,13 @@ from ._population import (
     QuasiNewton,
     ValidationLoss,
 )
-from ._sensitivity import ContinuousAdjoint, DirectDifferentiation, DiscreteAdjoint, ForwardMode
+from ._sensitivity import (
+    Automatic,
+    ContinuousAdjoint,
+    DirectDifferentiation,
+    DiscreteAdjoint,
+    ForwardMode,
+)
 from ._simulate import Integrator, kvaerno5_chord
 
 
@@ -116,7 +122,7 @@ _CHOICES = {
     ("population", "penalty"): ("none", "l2", "elastic-net"),
     ("population", "optimiser"): ("bfgs", "bhhh", "adam"),
     ("ode", "solver"): ("rodas5", "kvaerno5", "kencarp4", "tsit5", "dopri5"),
-    ("sensitivity", "method"): ("forward", "direct", "discrete-adjoint",
+    ("sensitivity", "method"): ("auto", "forward", "direct", "discrete-adjoint",
                                 "continuous-adjoint"),
     ("hypergradient", "curvature"): ("forward-hessian", "gauss-newton", "exact"),
     ("hypergradient", "linear_solver"): ("direct", "cg", "neumann"),
@@ -138,7 +144,7 @@ _DEFAULTS = {
     ("ode", "atol"): 1e-10,
     ("ode", "max_steps"): 20_000,
     ("inner", "max_steps"): 64,
-    ("sensitivity", "method"): "forward",
+    ("sensitivity", "method"): "auto",
     ("hypergradient", "curvature"): "forward-hessian",
     ("hypergradient", "linear_solver"): "direct",
     ("hypergradient", "stationarity_tol"): 1e-5,
@@ -251,6 +257,7 @@ class Problem:
 
 def _sensitivity(settings):
     return {
+        "auto": Automatic(),
         "forward": ForwardMode(),
         "direct": DirectDifferentiation(),
         "discrete-adjoint": DiscreteAdjoint(),

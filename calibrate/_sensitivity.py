@@ -6,6 +6,7 @@ r"""Sensitivity methods: how derivatives of a loss are taken through the ODE sol
 | `DiscreteAdjoint` | `RecursiveCheckpointAdjoint` | reverse (first order only) | ~ 3 solves, memory $O(\log n_{steps})$ |
 | `ContinuousAdjoint` | `InterpolatedAdjoint` (`_adjoint.py`) | reverse (first order only) | ~ 2 forward solves + 1 backward adjoint ODE, memory $O(n_{steps})$ |
 | `DirectDifferentiation` | `DirectAdjoint` | all orders, forward and reverse | slowest; needed for exact second order |
+| `Automatic` | one of the above, by what is differentiated | as chosen | the cheaper of forward and adjoint |
 
 Discrete methods differentiate the solver's own arithmetic (exact gradient of the
 computed loss). The continuous adjoint solves the adjoint ODE
@@ -58,6 +59,16 @@ class AbstractSensitivity(eqx.Module):
     @abc.abstractmethod
     def mode(self) -> Literal["forward", "reverse"]:
         """The derivative mode this strategy supports through the solve."""
+
+    def for_gradient(self, n_parameters: int, lanes: int = 1) -> "AbstractSensitivity":
+        """The strategy that takes gradients of a scalar w.r.t. `n_parameters`
+        parameters, in `lanes` batched lanes (starts, individuals): this one (see
+        `Automatic` for a strategy that chooses)."""
+        return self
+
+    def for_jacobian(self) -> "AbstractSensitivity":
+        """The strategy that takes Jacobians of vector-valued functions: this one."""
+        return self
 
     def grad_fn(self, fn, argnums=0):
         """`∇fn` w.r.t. `argnums` for scalar `fn`, in this strategy's mode."""
@@ -112,6 +123,19 @@ class AbstractSensitivity(eqx.Module):
 
         wrapped.defvjp(forward, backward)
         return wrapped
+
+
+def for_optimiser(holder, n_parameters: int, gradients: bool, lanes: int = 1):
+    """`holder` (an objective or problem with a `sensitivity` field) with the strategy
+    an optimiser's derivatives w.r.t. `n_parameters` parameters, in `lanes` batched
+    lanes, are taken by: scalar gradients (a minimiser) if `gradients`, Jacobians of
+    residuals otherwise."""
+    sensitivity = holder.sensitivity
+    chosen = (sensitivity.for_gradient(n_parameters, lanes) if gradients
+              else sensitivity.for_jacobian())
+    if chosen is sensitivity:
+        return holder
+    return eqx.tree_at(lambda h: h.sensitivity, holder, chosen)
 
 
 def with_materialised_jacobian(fn):
@@ -219,3 +243,61 @@ class DirectDifferentiation(AbstractSensitivity):
     @property
     def mode(self):
         return "reverse"
+
+
+# Where the discrete adjoint's gradient overtakes forward sensitivities, measured by
+# `benchmarks/bench_sensitivity.py` (RESULTS_sensitivity.md) on a 2-core CPU: batched
+# lanes broke even at 33 parameters (8 states) and about 49 (16 states), one lane at
+# about 115.
+MAX_FORWARD_PARAMETERS = 40
+MAX_FORWARD_PARAMETERS_SINGLE = 100
+
+
+class Automatic(AbstractSensitivity):
+    r"""Forward sensitivities or the discrete adjoint, chosen by what is differentiated.
+
+    A forward-mode gradient carries one tangent per parameter through every solver
+    step, $O(n_p)$ extra work on top of the solve; the discrete adjoint costs about
+    three solves whatever $n_p$ is, but more per step (checkpointing, a reverse
+    sweep). So:
+
+    | derivative | chosen |
+    |---|---|
+    | gradient of a scalar (minimisers such as BFGS) w.r.t. at most `max_forward` parameters (`max_forward_single` for a single lane) | `forward` |
+    | gradient of a scalar w.r.t. more parameters | `reverse` |
+    | Jacobian of residuals (least squares) | `forward`: a reverse Jacobian costs one adjoint sweep per residual |
+    | second order (Laplace objectives, implicit hypergradients) | `forward`: forward-over-forward is the order the adjoints do not survive |
+
+    The limits come from `benchmarks/bench_sensitivity.py` on a 2-core CPU: batched
+    lanes (multistart fits, populations) make forward tangents dearer, so the adjoint
+    pays from about 40 parameters there and only from about 100 for a single lane.
+    It compiles 2–2.5 times longer than forward sensitivities.
+    Fitting functions resolve the choice once they know the parameters and the
+    optimiser (`for_gradient`, `for_jacobian`) and report the strategy they used;
+    used unresolved, it behaves as `forward`.
+    """
+
+    forward: AbstractSensitivity = ForwardMode()
+    reverse: AbstractSensitivity = DiscreteAdjoint()
+    max_forward: int = eqx.field(static=True, default=MAX_FORWARD_PARAMETERS)
+    max_forward_single: int = eqx.field(static=True, default=MAX_FORWARD_PARAMETERS_SINGLE)
+    second_order: ClassVar[frozenset[str]] = ForwardMode.second_order
+
+    def __check_init__(self):
+        if self.forward.mode != "forward":
+            raise ValueError(f"Automatic(forward=...) must take forward-mode derivatives; "
+                             f"{type(self.forward).__name__} is {self.forward.mode}-mode")
+
+    def for_gradient(self, n_parameters: int, lanes: int = 1) -> AbstractSensitivity:
+        limit = self.max_forward if lanes > 1 else self.max_forward_single
+        return self.reverse if n_parameters > limit else self.forward
+
+    def for_jacobian(self) -> AbstractSensitivity:
+        return self.forward
+
+    def adjoint(self):
+        return self.forward.adjoint()
+
+    @property
+    def mode(self):
+        return self.forward.mode

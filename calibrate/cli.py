@@ -746,7 +746,7 @@ def fit(
         "starts": starts, "seed": seed, "max_steps": max_steps,
         "solver": "LevenbergMarquardt(rtol=1e-8, atol=1e-8)",
         "integrator": integrator.settings(),
-        "sensitivity": "ForwardMode",
+        "sensitivity": result.sensitivity,
     }
     fixed_values = {n: float(v) for n, v in all_values.items() if n not in names}
     report = fit_report(result, m, model_spec=resolved.spec, data=str(data),
@@ -1113,7 +1113,8 @@ def _fit_problem_individually(problem: cal.Problem, out: Path, started) -> None:
     settings = {"starts": problem.settings["individual"]["starts"], "seed": problem.seed,
                 "max_steps": problem.settings["individual"]["max_steps"],
                 "ode": problem.settings["ode"],
-                "sensitivity": problem.settings["sensitivity"]["method"]}
+                "sensitivity": {"method": problem.settings["sensitivity"]["method"],
+                                "used": result.sensitivity}}
     report = fit_report(result, problem.model, model_spec=problem.model_spec,
                         data=problem.files["measurements"], fixed=problem.constants,
                         settings=settings)
@@ -1219,7 +1220,7 @@ def fit_petab_problem(path: Path, out: Path, *, starts: int | None, seed: int | 
                 "optimiser": "BFGS(rtol=1e-10, atol=1e-10) on bound-reflected scaled "
                              "parameters",
                 "integrator": integrator.settings(),
-                "sensitivity": "ForwardMode"}
+                "sensitivity": result.sensitivity}
     record = {
         "problem": str(path),
         "files": _petab_files(path),
@@ -1362,7 +1363,7 @@ def _fit_petab_population(path: Path, problem: cal.PEtabProblem, out: Path, *,
         "settings": {"outer": f"QuasiNewton(max_steps={max_steps})",
                      "objective": "laplace",
                      "integrator": problem.integrator.settings(),
-                     "sensitivity": "ForwardMode"},
+                     "sensitivity": type(problem.sensitivity.for_jacobian()).__name__},
         "outputs": [p.name for p in written], "resumed": resume,
         "versions": _versions(), "devices": [str(d) for d in jax.devices()],
         "started": started.isoformat(timespec="seconds"),

@@ -288,6 +288,26 @@ def test_simulate_writes_the_petab_simulation_table(tmp_path):
     assert not np.allclose(other["simulation"], simulations["simulation"])
 
 
+def test_automatic_fits_a_problem_with_many_parameters_by_the_adjoint():
+    """Bertozzi's 8 estimated parameters are "many" for a rule that keeps forward
+    sensitivities for at most 4:
+    BFGS takes its gradients by the discrete adjoint, which match AMICI's, and the
+    multistart fit reaches the collection's optimum; the default rule keeps forward
+    sensitivities for 8 parameters."""
+    reference = REFERENCE["Bertozzi_PNAS2020"]
+    path = DATA / reference["yaml"]
+    problem = cal.load_petab(path, sensitivity=cal.Automatic(max_forward=4,
+                                                             max_forward_single=4))
+    assert type(cal.load_petab(path).sensitivity.for_gradient(8, 4)) is cal.ForwardMode
+    perturbed = reference["perturbed"]
+    _, gradient = _value_and_gradient(problem, jnp.asarray(
+        _vector(reference, perturbed["x_scaled"])))
+    assert _max_relative(gradient, _vector(reference, perturbed["grad"])) < 1e-4
+    result = cal.fit_petab(problem, starts=cal.SobolStarts(4), max_steps=500)
+    assert result.sensitivity == "DiscreteAdjoint"
+    assert abs(result.best_objective - reference["nllh_nominal"]) < 1e-3
+
+
 def test_a_reloaded_problem_fits_without_compiling_again():
     """Two imports of one problem share compiled code (generated functions and model
     classes compare equal by their source), so a second multistart compiles nothing."""

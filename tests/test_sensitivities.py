@@ -144,3 +144,41 @@ def test_materialised_jacobian_linearises_to_the_forward_jacobian():
     _, plain = jax.jvp(residuals, (z, scale), (dz, dscale))
     assert float(jnp.max(jnp.abs(plain))) > 1.0
     np.testing.assert_allclose(tangent, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_automatic_takes_gradients_by_the_adjoint_only_beyond_max_forward():
+    rule = cal.Automatic()
+    for lanes, limit in ((8, rule.max_forward), (1, rule.max_forward_single)):
+        assert type(rule.for_gradient(limit, lanes)) is cal.ForwardMode
+        assert type(rule.for_gradient(limit + 1, lanes)) is cal.DiscreteAdjoint
+    # Batched lanes make forward tangents dearer (benchmarks/RESULTS_sensitivity.md).
+    assert rule.max_forward < rule.max_forward_single
+    # Jacobians and anything unresolved stay forward: the adjoints survive no second
+    # order, and a reverse Jacobian costs a sweep per residual.
+    assert type(rule.for_jacobian()) is cal.ForwardMode
+    assert rule.mode == "forward" and rule.second_order == cal.ForwardMode.second_order
+    assert type(cal.DiscreteAdjoint().for_gradient(1)) is cal.DiscreteAdjoint
+    with pytest.raises(ValueError, match="forward-mode"):
+        cal.Automatic(forward=cal.DiscreteAdjoint())
+
+
+def test_signalling_chain_gradients_agree_with_finite_differences():
+    """The zoo's chain that the sensitivity benchmark grows, at 2 tiers (9 parameters):
+    both strategies `Automatic` chooses between give its gradient."""
+    chain = cal.zoo_module("signalling_chain")
+    with pytest.raises(ValueError, match="at least 2 tiers"):
+        chain.chain_model(1)
+    model = chain.chain_model(2)()
+    data = first_individual(chain.synthetic_data(jax.random.key(3), tiers=2))
+    objective = cal.Objective(model, integrator=INTEGRATOR)
+    assert objective.n_parameters == 9
+    z = objective.space.to_vector(model.parameter_space.complete({})) + 0.1 * jnp.sin(
+        jnp.arange(9, dtype=float))
+    nll = lambda o: lambda z: o.negative_log_likelihood(z, data)[0]
+    expected = central_difference_gradient(jax.jit(nll(objective)), z)
+    assert np.linalg.norm(expected) > 1.0
+    rule = cal.Automatic(max_forward_single=8)
+    for sensitivity in (rule.for_gradient(8), rule.for_gradient(9)):
+        chosen = cal.Objective(model, integrator=INTEGRATOR, sensitivity=sensitivity)
+        _, grad = jax.jit(lambda z, o=chosen: o.sensitivity.value_and_grad(nll(o), z))(z)
+        assert relative_error(grad, expected) < 1e-5, type(sensitivity).__name__
