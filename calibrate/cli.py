@@ -256,10 +256,16 @@ def _main(
     pass
 
 
+def _listed(names, limit: int = 12) -> str:
+    """`names` joined, or for a long list its first and last few and the count."""
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:4])}, …, {', '.join(names[-2:])} ({len(names)})"
+
+
 def _parameter_summary(model: cal.AbstractODEModel) -> str:
-    return ", ".join(
-        p.name if p.estimate else f"{p.name}*" for p in model.parameters
-    )
+    return _listed(p.name if p.estimate else f"{p.name}*" for p in model.parameters)
 
 
 @app.command(
@@ -282,9 +288,9 @@ def models():
         table.add_row(*map(escape, (
             name,
             model.describe(),
-            ", ".join(model.states),
+            _listed(model.states),
             _parameter_summary(model),
-            ", ".join(model.observable_names),
+            _listed(model.observable_names),
         )))
     table.caption = "* not estimated by default"
     _stdout().print(table)

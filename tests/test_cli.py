@@ -57,6 +57,8 @@ def test_models_lists_the_zoo():
         assert name in result.stdout
     assert {"enzyme_kinetics", "mapk_cascade", "reference"} <= set(cal.zoo_names())
     assert "kcat" in result.stdout and "RAFp" in result.stdout
+    # The 33 parameters of the signalling chain are summarised, not listed.
+    assert "(33)" in result.stdout and "Kd5" not in result.stdout
 
 
 @pytest.mark.parametrize("command", ["models", "simulate", "fit", "check"])

@@ -223,6 +223,8 @@ def test_fit_petab_problem_reaches_the_reference_optimum(tmp_path):
     record = json.loads((out / "estimates.json").read_text())
     # The collection's optimum (AMICI's nllh at the nominal parameters).
     assert abs(record["objective"] - reference["nllh_nominal"]) < 1e-3
+    # 8 parameters in 4 starts: BFGS's gradients in forward mode, as recorded.
+    assert record["settings"]["sensitivity"] == "ForwardMode"
     starts = pd.read_csv(out / "starts.csv")
     assert len(starts) == 4 and starts["objective"].is_monotonic_increasing
     np.testing.assert_allclose(starts["objective"].iloc[0], record["objective"])
