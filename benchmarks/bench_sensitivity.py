@@ -133,12 +133,6 @@ def render(rows: list[dict], started: float, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(measure(**config, repeats=args.repeats)))
         return
     leave_the_device_to_children()
+    from calibrate._io import write_text_atomic
+
     started = time.perf_counter()
     configs = [(16, int(k)) for k in args.estimated.split(",")]
     configs += [(int(n), 4 * int(n) + 1) for n in args.tiers.split(",")]
@@ -172,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{tiers} tiers, {n_estimated} estimated, batch {batch}, {method}: "
                       f"{row['run_s'] * 1e3:.1f} ms, compile {row['compile_s']:.1f} s",
                       flush=True)
-                write_atomic(args.out, render(rows, started, argv))
+                write_text_atomic(args.out, render(rows, started, argv))
 
 
 if __name__ == "__main__":

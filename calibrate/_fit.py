@@ -228,12 +228,11 @@ def _diagnose(objective: Objective, z, data, inputs, solver_result):
 
 
 @eqx.filter_jit
-def _fit_batch(objective: Objective, solver, z0s, data: Measurements, inputs, max_steps,
-               chunk_size=None):
+def _fit_batch(objective: Objective, optimised: Objective, solver, z0s, data: Measurements,
+               inputs, max_steps, chunk_size=None):
     """vmap over individuals (axis 0 of data, inputs, z0s; `chunk_size` at a time if
-    given) and starts (axis 1 of z0s)."""
-
-    optimised = _optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
+    given) and starts (axis 1 of z0s). The optimiser differentiates `optimised`, the
+    diagnostics `objective`."""
 
     def one_individual(z0s, data, inputs):
         def one_start(z0):
@@ -313,8 +312,9 @@ def fit(
         n, *fit_kernel_flops(len(model.states), rows, len(space.estimated),
                              objective.integrator.tangent_solves()),
         lanes_per_individual=z0.shape[0])
+    optimised = _optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
     z, loss, grad_norm, se, steps, result, losses = _fit_batch(
-        objective, solver, z0s, data.measurements, inputs, max_steps, chunk_size
+        objective, optimised, solver, z0s, data.measurements, inputs, max_steps, chunk_size
     )
     params = jax.vmap(objective.params)(z)
     return FitResult(
@@ -329,6 +329,5 @@ def fit(
         steps=steps,
         result=result,
         start_losses=losses,
-        sensitivity=type(_optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
-                         .sensitivity).__name__,
+        sensitivity=type(optimised.sensitivity).__name__,
     )

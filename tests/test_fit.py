@@ -119,20 +119,34 @@ def test_multistart_finds_global_optimum_where_a_bad_start_does_not():
     assert abs(float(latin["omega"][0]) - 1.3) < 0.01
 
 
+_ADJOINT_SOLVES: list[str] = []
+
+
+class TracedAdjoint(cal.DiscreteAdjoint):
+    """The discrete adjoint, noting every solve it is traced into."""
+
+    def adjoint(self):
+        _ADJOINT_SOLVES.append("traced")
+        return super().adjoint()
+
+
 @pytest.mark.parametrize("sensitivity, used", [
     (cal.ForwardMode(), "ForwardMode"),
     # Two parameters, more than this rule's `max_forward`: the adjoint takes BFGS's
     # gradients.
-    (cal.Automatic(max_forward=1), "DiscreteAdjoint"),
+    (cal.Automatic(max_forward=1, reverse=TracedAdjoint()), "TracedAdjoint"),
 ], ids=["forward", "automatic_adjoint"])
 def test_bfgs_on_the_likelihood_agrees_with_levenberg_marquardt(sensitivity, used):
     model, data, lm = zoo_fit("reference")
     assert lm.sensitivity == "ForwardMode"  # the default rule's Jacobians
+    _ADJOINT_SOLVES.clear()
     bfgs = cal.fit(
         model, data, start=_start(cal.zoo_module("reference")),
         solver=optx.BFGS(rtol=1e-9, atol=1e-9), sensitivity=sensitivity,
     )
     assert bfgs.sensitivity == used
+    # The strategy named is the one the optimiser's solves were traced with.
+    assert bool(_ADJOINT_SOLVES) == (used == "TracedAdjoint")
     assert bool(jnp.all(bfgs.converged)), bfgs.messages()
     np.testing.assert_allclose(bfgs.estimates, lm.estimates, rtol=1e-4)
     np.testing.assert_allclose(bfgs.loss, lm.loss, rtol=1e-8)
