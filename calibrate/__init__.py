@@ -33,10 +33,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from ._compilation import enable_persistent_cache  # noqa: E402
+from ._compilation import enable_persistent_cache, prefer_fast_cpu_compile  # noqa: E402
 
 
 enable_persistent_cache()
+prefer_fast_cpu_compile()
 
 from ._data import (  # noqa: E402
     DataError as DataError,

@@ -1,16 +1,20 @@
-"""JAX compilation: the persistent cache that `import calibrate` switches on, and an
-account of how long tracing, lowering and XLA compilation take inside a block of code
-(zero when every function it calls is already compiled)."""
+"""JAX compilation: what `import calibrate` switches on (the persistent cache and XLA's
+faster-compiling CPU emitters), and an account of how long tracing, lowering and XLA
+compilation take inside a block of code (zero when every function it calls is already
+compiled)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import jaxlib
+from jax._src import xla_bridge
 
 
 def enable_persistent_cache() -> Path | None:
@@ -40,6 +44,35 @@ def enable_persistent_cache() -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     return directory
+
+
+# XLA's CPU compiler emits fused kernels through its MLIR pipeline by default. Its LLVM IR
+# emitters, still behind this flag, compile calibrate's solver loops in 0.5-0.7 of the
+# time, and the kernels run as fast (benchmarks/RESULTS_compile.md).
+CPU_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# XLA aborts the process on a flag it does not know, so the flag goes only to the jaxlib
+# releases it was measured with.
+_RELEASES_WITH_FLAG = ((0, 10),)
+
+
+def prefer_fast_cpu_compile(release: tuple[int, ...] | None = None) -> bool:
+    """Add `CPU_EMITTER_FLAG` to `XLA_FLAGS` before XLA reads them (at the first
+    computation). Left alone: `CALIBRATE_XLA_FLAGS=off`, an `XLA_FLAGS` that already sets
+    the emitters, a process whose backends are already running (XLA has read its flags)
+    and a jaxlib release other than those measured. `release` is jaxlib's (major,
+    minor), read from jaxlib when not given. Returns whether the flag was added."""
+    if os.environ.get("CALIBRATE_XLA_FLAGS", "").strip().lower() == "off":
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" in flags or xla_bridge.backends_are_initialized():
+        return False
+    if release is None:
+        numbers = re.match(r"(\d+)\.(\d+)", jaxlib.__version__)
+        release = tuple(map(int, numbers.groups())) if numbers else ()
+    if tuple(release[:2]) not in _RELEASES_WITH_FLAG:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_EMITTER_FLAG}".strip()
+    return True
 
 
 _STAGES = ("/jax/core/compile/jaxpr_trace_duration",

@@ -1,6 +1,8 @@
-"""The persistent compilation cache that `import calibrate` switches on."""
+"""What `import calibrate` switches on: the persistent compilation cache and XLA's
+faster-compiling CPU emitters."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,3 +63,65 @@ def test_import_switches_the_persistent_cache_on_where_the_user_allows(tmp_path,
     assert report["directory"] == str(expected)
     # The compiled function landed in that directory.
     assert any(name.startswith("jit_") for name in report["entries"]), report["entries"]
+
+
+# A fresh interpreter per case: XLA reads `XLA_FLAGS` once, at the first computation.
+# `before` runs before `import calibrate`; the child reports the flags after it and
+# checks that XLA, having read them, compiles and runs a function.
+_FLAGS_CHILD = """
+import json, os, sys
+import jax, jax.numpy as jnp
+exec(sys.argv[1])
+import calibrate
+flags = os.environ.get("XLA_FLAGS", "")
+value = float(jax.jit(lambda x: jnp.sum(jnp.sin(x) * 3.0))(jnp.arange(4.0)))
+print(json.dumps({"flags": flags, "value": value}))
+"""
+
+
+@pytest.mark.parametrize("case", ["default", "user_flag", "off", "backend_running"])
+def test_import_prefers_the_faster_compiling_cpu_emitters_where_the_user_allows(case):
+    from calibrate._compilation import CPU_EMITTER_FLAG
+
+    user = "--xla_cpu_use_fusion_emitters=true --xla_cpu_enable_fast_math=false"
+    env, before, expected = {
+        "default": ({}, "", CPU_EMITTER_FLAG),
+        "user_flag": ({"XLA_FLAGS": user}, "", user),
+        "off": ({"CALIBRATE_XLA_FLAGS": "off"}, "", ""),
+        # Flags set after XLA has read them would do nothing.
+        "backend_running": ({}, "jnp.ones(2).block_until_ready()", ""),
+    }[case]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("XLA_FLAGS", "CALIBRATE_XLA_FLAGS")}
+    environment.update(JAX_PLATFORMS="cpu", CALIBRATE_CACHE_DIR="off", **env)
+    done = subprocess.run([sys.executable, "-c", _FLAGS_CHILD, before], env=environment,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["flags"] == expected
+    assert report["value"] == pytest.approx(3.0 * sum(math.sin(k) for k in range(4)),
+                                            rel=1e-14)
+
+
+def test_the_emitter_flag_goes_only_to_the_jaxlib_releases_it_was_measured_with():
+    """XLA aborts the process on a flag it does not know."""
+    code = """
+import json, os
+import calibrate
+from calibrate._compilation import prefer_fast_cpu_compile
+del os.environ["CALIBRATE_XLA_FLAGS"]
+unknown = prefer_fast_cpu_compile(release=(0, 99))
+after_unknown = os.environ.get("XLA_FLAGS", "")
+measured = prefer_fast_cpu_compile(release=(0, 10))
+print(json.dumps([unknown, after_unknown, measured, os.environ.get("XLA_FLAGS", "")]))
+"""
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    environment.update(JAX_PLATFORMS="cpu", CALIBRATE_CACHE_DIR="off",
+                       CALIBRATE_XLA_FLAGS="off")
+    done = subprocess.run([sys.executable, "-c", code], env=environment,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from calibrate._compilation import CPU_EMITTER_FLAG
+
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [
+        False, "", True, CPU_EMITTER_FLAG]

@@ -138,3 +138,30 @@ def test_reverse_mode_under_vmap_stays_finite_after_a_lane_has_finished(zoo):
     gradients = jax.jit(jax.vmap(jax.grad(total)))(points)
     exact = jax.vmap(jax.grad(lambda pq: jnp.sum(module.closed_form(times, pq[0], pq[1]))))
     np.testing.assert_allclose(gradients, exact(points), rtol=1e-7)
+
+
+def test_a_step_traces_its_vector_field_once():
+    """Rodas5 evaluates the field ten times a step (f, J by `jacfwd`, ∂f/∂t and seven
+    stages). They share one traced program, which JAX then differentiates and batches
+    once per transformation instead of once per evaluation."""
+    calls = []
+
+    def field(t, y, args):
+        calls.append(t)
+        return jnp.stack([-y[1], y[0], -50.0 * y[2] + jnp.sin(t)]) * args
+
+    def solve(scale):
+        solution = dfx.diffeqsolve(dfx.ODETerm(field), cal.Rodas5(), 0.0, 1.0, 0.1,
+                                   jnp.array([1.0, 0.0, 1.0]), args=scale,
+                                   stepsize_controller=dfx.ConstantStepSize(),
+                                   saveat=dfx.SaveAt(t1=True), max_steps=16,
+                                   adjoint=dfx.ForwardMode())
+        return solution.ys[-1]
+
+    jax.make_jaxpr(solve)(1.0)
+    # diffrax traces its step a few times (for shapes, then in the loop); one trace of
+    # a step traces the field once, where ten evaluations traced it ten times.
+    assert 1 <= len(calls) <= 3, len(calls)
+    # Differentiated twice, the ten evaluations stay calls of one program.
+    second = str(jax.make_jaxpr(jax.jacfwd(jax.jacfwd(solve)))(1.0))
+    assert second.count("name=field_of") >= 10
