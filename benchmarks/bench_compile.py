@@ -24,17 +24,15 @@ same with `CALIBRATE_XLA_FLAGS=off`. Results go to `RESULTS_compile.md`, atomica
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_petab import json_from_process, leave_the_device_to_children
+from bench_petab import json_from_process, leave_the_device_to_children, run_header, seconds
 from bench_petab_population import BOEHM, calibrate_side, write_problem
 
 
@@ -134,22 +132,9 @@ def child_environment(flags: str) -> dict:
 
 
 def render(rows: list[dict], started: float, argv: list[str]) -> str:
-    import jax
-
-    def seconds(s):
-        return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
     lines = [
-        "# Compile times: calibrate's XLA flags and XLA's own",
-        "",
-        "<!-- SUMMARY -->",
-        "",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; total "
-        f"{(time.perf_counter() - started) / 60:.1f} min",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
-        f"logical CPUs; {platform.platform()}, Python {platform.python_version()}; "
-        f"jax {jax.__version__} ({jax.default_backend()})",
-        f"- Command: `python benchmarks/bench_compile.py {' '.join(argv)}`",
+        *run_header("Compile times: calibrate's XLA flags and XLA's own",
+                    "bench_compile.py", started, argv),
         "- Each row a fresh process without the persistent cache. Compile is tracing + "
         "lowering + XLA (JAX's timers; for the gradients, `jit(...).lower().compile()`); "
         "run is the median of warm calls (for the population fit: its wall time less "

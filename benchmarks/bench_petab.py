@@ -141,6 +141,27 @@ def leave_the_device_to_children() -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def seconds(s: float) -> str:
+    """A duration as milliseconds below a second, seconds above."""
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def run_header(title: str, script: str, started: float, argv: list[str]) -> list[str]:
+    """The first lines of a results file: title, summary marker, date, machine, command."""
+    return [
+        f"# {title}",
+        "",
+        "<!-- SUMMARY -->",
+        "",
+        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; total "
+        f"{(time.perf_counter() - started) / 60:.1f} min",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+        f"logical CPUs; {platform.platform()}, Python {platform.python_version()}; "
+        f"jax {jax.__version__} ({jax.default_backend()})",
+        f"- Command: `python benchmarks/{script} {' '.join(argv)}`",
+    ]
+
+
 def json_from_process(command: list[str], env: dict | None = None) -> dict:
     """Runs `command --out FILE` and returns the JSON it wrote to FILE."""
     with tempfile.TemporaryDirectory(prefix="calibrate_bench_") as folder:

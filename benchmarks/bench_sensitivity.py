@@ -23,16 +23,14 @@ warm calls, the compile, and the relative difference of the two gradients) go to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_petab import json_from_process, leave_the_device_to_children
+from bench_petab import json_from_process, leave_the_device_to_children, run_header, seconds
 
 
 HERE = Path(__file__).resolve().parent
@@ -91,22 +89,9 @@ def relative_difference(a, b) -> float:
 
 
 def render(rows: list[dict], started: float, argv: list[str]) -> str:
-    import jax
-
-    def seconds(s):
-        return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
     lines = [
-        "# Forward sensitivities against the discrete adjoint",
-        "",
-        "<!-- SUMMARY -->",
-        "",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; total "
-        f"{(time.perf_counter() - started) / 60:.1f} min",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
-        f"logical CPUs; {platform.platform()}, Python {platform.python_version()}; "
-        f"jax {jax.__version__} ({jax.default_backend()})",
-        f"- Command: `python benchmarks/bench_sensitivity.py {' '.join(argv)}`",
+        *run_header("Forward sensitivities against the discrete adjoint",
+                    "bench_sensitivity.py", started, argv),
         "- The gradient of one individual's negative log-likelihood (a batch: each "
         "individual's own gradient under `vmap`), Rodas5 at rtol 1e-8, atol 1e-10; run "
         "time is the median of warm calls, compile is `jit(...).lower().compile()` in a "
