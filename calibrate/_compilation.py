@@ -47,8 +47,8 @@ def enable_persistent_cache() -> Path | None:
 
 
 # XLA's CPU compiler emits fused kernels through its MLIR pipeline by default. Its LLVM IR
-# emitters, still behind this flag, compile calibrate's solver loops in 0.5-0.7 of the
-# time, and the kernels run as fast (benchmarks/RESULTS_compile.md).
+# emitters, still behind this flag, do XLA's part of compiling calibrate's programs in
+# 0.6-0.7 of the time, and the kernels run as fast (benchmarks/RESULTS_compile.md).
 CPU_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
 # XLA aborts the process on a flag it does not know, so the flag goes only to the jaxlib
 # releases it was measured with.
