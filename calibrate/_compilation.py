@@ -55,6 +55,15 @@ CPU_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
 _RELEASES_WITH_FLAG = ((0, 10),)
 
 
+def flag_is_known(release: tuple[int, ...] | None = None) -> bool:
+    """Whether `CPU_EMITTER_FLAG` was measured with this jaxlib release (major, minor);
+    `release` defaults to the installed jaxlib's."""
+    if release is None:
+        numbers = re.match(r"(\d+)\.(\d+)", jaxlib.__version__)
+        release = tuple(map(int, numbers.groups())) if numbers else ()
+    return tuple(release[:2]) in _RELEASES_WITH_FLAG
+
+
 def prefer_fast_cpu_compile(release: tuple[int, ...] | None = None) -> bool:
     """Add `CPU_EMITTER_FLAG` to `XLA_FLAGS` before XLA reads them (at the first
     computation). Left alone: `CALIBRATE_XLA_FLAGS=off`, an `XLA_FLAGS` that already sets
@@ -66,10 +75,7 @@ def prefer_fast_cpu_compile(release: tuple[int, ...] | None = None) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_use_fusion_emitters" in flags or xla_bridge.backends_are_initialized():
         return False
-    if release is None:
-        numbers = re.match(r"(\d+)\.(\d+)", jaxlib.__version__)
-        release = tuple(map(int, numbers.groups())) if numbers else ()
-    if tuple(release[:2]) not in _RELEASES_WITH_FLAG:
+    if not flag_is_known(release):
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_EMITTER_FLAG}".strip()
     return True

@@ -81,11 +81,12 @@ print(json.dumps({"flags": flags, "value": value}))
 
 @pytest.mark.parametrize("case", ["default", "user_flag", "off", "backend_running"])
 def test_import_prefers_the_faster_compiling_cpu_emitters_where_the_user_allows(case):
-    from calibrate._compilation import CPU_EMITTER_FLAG
+    from calibrate._compilation import CPU_EMITTER_FLAG, flag_is_known
 
     user = "--xla_cpu_use_fusion_emitters=true --xla_cpu_enable_fast_math=false"
     env, before, expected = {
-        "default": ({}, "", CPU_EMITTER_FLAG),
+        # Another jaxlib release than those measured keeps XLA's defaults.
+        "default": ({}, "", CPU_EMITTER_FLAG if flag_is_known() else ""),
         "user_flag": ({"XLA_FLAGS": user}, "", user),
         "off": ({"CALIBRATE_XLA_FLAGS": "off"}, "", ""),
         # Flags set after XLA has read them would do nothing.
