@@ -24,7 +24,6 @@ same with `CALIBRATE_XLA_FLAGS=off`. Results go to `RESULTS_compile.md`, atomica
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_petab import json_from_process, leave_the_device_to_children, run_header, seconds
+from bench_petab import (
+    answer_parent,
+    leave_the_device_to_children,
+    measure_in_child,
+    median_seconds,
+    run_header,
+    seconds,
+)
 from bench_petab_population import BOEHM, calibrate_side, write_problem
 
 
@@ -42,17 +48,6 @@ STAGES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
           "/jax/core/compile/backend_compile_duration": "xla_s"}
 FLAGS = {"calibrate": {}, "XLA default": {"CALIBRATE_XLA_FLAGS": "off"}}
-
-
-def _timed(repeats: int, call) -> float:
-    import jax
-
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure(case: str, folder: str, batch: int, repeats: int) -> dict:
@@ -93,7 +88,7 @@ def measure(case: str, folder: str, batch: int, repeats: int) -> dict:
         compiled = function.lower(x).compile()
         out["compile_s"] = time.perf_counter() - started
         value, _ = jax.block_until_ready(compiled(x))
-        out["run_s"] = _timed(repeats, lambda: compiled(x))
+        out["run_s"] = median_seconds(lambda: compiled(x), repeats)
         out["check"] = float(jnp.sum(value))
     elif case == "population evaluation":
         from calibrate._population import population_setup
@@ -105,8 +100,8 @@ def measure(case: str, folder: str, batch: int, repeats: int) -> dict:
         jax.block_until_ready(evaluation.value)
         out["compile_s"] = sum(stages.values())
         out["first_s"] = time.perf_counter() - started
-        out["run_s"] = _timed(repeats, lambda: setup.evaluate(
-            method, setup.theta, setup.starts).value)
+        out["run_s"] = median_seconds(lambda: setup.evaluate(
+            method, setup.theta, setup.starts).value, repeats)
         out["check"] = float(evaluation.value)
     else:
         fit = calibrate_side(Path(folder), max_steps=100, solver="rodas5", outer="bfgs")
@@ -179,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        config = json.loads(args.child)
-        args.out.write_text(json.dumps(measure(**config, repeats=args.repeats)))
+        answer_parent(args, measure)
         return
     leave_the_device_to_children()
     import jax
@@ -213,9 +207,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):
                 for flags in FLAGS:
                     config = {"case": case, "folder": str(folder), "batch": batch}
-                    row = json_from_process(
-                        [sys.executable, __file__, "--repeats", str(args.repeats),
-                         "--child", json.dumps(config)], env=child_environment(flags))
+                    row = measure_in_child(__file__, config, args.repeats,
+                                           env=child_environment(flags))
                     rows.append({**row, "label": label, "flags": flags})
                     print(f"{label}, {flags}: compile {row['compile_s']:.2f} s "
                           f"(trace {row['trace_s']:.2f}, XLA {row['xla_s']:.2f}), run "

@@ -59,12 +59,17 @@ def _timed(function, *args, repeats):
     compiled = jitted.lower(*args).compile()
     compile_seconds = time.perf_counter() - started
     out = jax.block_until_ready(compiled(*args))
+    return compile_seconds, median_seconds(lambda: compiled(*args), repeats), out
+
+
+def median_seconds(call, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `call()`, each waited for."""
     runs = []
     for _ in range(repeats):
         started = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(call())
         runs.append(time.perf_counter() - started)
-    return compile_seconds, statistics.median(runs), out
+    return statistics.median(runs)
 
 
 ZOO = {"mapk_cascade": "write_mapk_cascade"}
@@ -160,6 +165,20 @@ def run_header(title: str, script: str, started: float, argv: list[str]) -> list
         f"jax {jax.__version__} ({jax.default_backend()})",
         f"- Command: `python benchmarks/{script} {' '.join(argv)}`",
     ]
+
+
+def measure_in_child(script: str, config: dict, repeats: int,
+                     env: dict | None = None) -> dict:
+    """`script`'s `measure(**config, repeats=repeats)` in a fresh process (whose
+    `main` hands its `--child` arguments to `answer_parent`)."""
+    return json_from_process([sys.executable, script, "--repeats", str(repeats),
+                              "--child", json.dumps(config)], env=env)
+
+
+def answer_parent(args, measure) -> None:
+    """The child's side of `measure_in_child`: `measure`'s result as JSON in `args.out`."""
+    Path(args.out).write_text(json.dumps(measure(**json.loads(args.child),
+                                                 repeats=args.repeats)))
 
 
 def json_from_process(command: list[str], env: dict | None = None) -> dict:

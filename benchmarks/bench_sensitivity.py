@@ -23,14 +23,19 @@ warm calls, the compile, and the relative difference of the two gradients) go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_petab import json_from_process, leave_the_device_to_children, run_header, seconds
+from bench_petab import (
+    answer_parent,
+    leave_the_device_to_children,
+    measure_in_child,
+    median_seconds,
+    run_header,
+    seconds,
+)
 
 
 HERE = Path(__file__).resolve().parent
@@ -71,13 +76,9 @@ def measure(tiers: int, n_estimated: int, method: str, batch: int, repeats: int)
     compiled = jax.jit(batched).lower(zs, data).compile()
     compile_s = time.perf_counter() - started
     value, grad = jax.block_until_ready(compiled(zs, data))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(compiled(zs, data))
-        times.append(time.perf_counter() - started)
     return {"tiers": tiers, "n_estimated": n_estimated, "method": method, "batch": batch,
-            "compile_s": compile_s, "run_s": statistics.median(times),
+            "compile_s": compile_s, "run_s": median_seconds(lambda: compiled(zs, data),
+                                                            repeats),
             "value": np.asarray(value).tolist(), "gradient": np.asarray(grad).tolist()}
 
 
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        config = json.loads(args.child)
-        args.out.write_text(json.dumps(measure(**config, repeats=args.repeats)))
+        answer_parent(args, measure)
         return
     leave_the_device_to_children()
     from calibrate._io import write_text_atomic
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             for method in METHODS:
                 config = {"tiers": tiers, "n_estimated": n_estimated, "method": method,
                           "batch": batch}
-                row = json_from_process([sys.executable, __file__, "--repeats",
-                                         str(args.repeats), "--child", json.dumps(config)])
+                row = measure_in_child(__file__, config, args.repeats)
                 rows.append(row)
                 print(f"{tiers} tiers, {n_estimated} estimated, batch {batch}, {method}: "
                       f"{row['run_s'] * 1e3:.1f} ms, compile {row['compile_s']:.1f} s",
