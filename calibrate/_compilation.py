@@ -66,12 +66,17 @@ def flag_is_known(release: tuple[int, ...] | None = None) -> bool:
 
 def prefer_fast_cpu_compile(release: tuple[int, ...] | None = None) -> bool:
     """Add `CPU_EMITTER_FLAG` to `XLA_FLAGS` before XLA reads them (at the first
-    computation). Left alone: `CALIBRATE_XLA_FLAGS=off`, an `XLA_FLAGS` that already sets
+    computation). `CALIBRATE_XLA_FLAGS` is `on` (or unset) or `off`. Left alone:
+    `CALIBRATE_XLA_FLAGS=off`, an `XLA_FLAGS` that already sets
     the emitters, a process whose backends are already running (XLA has read its flags)
     and a jaxlib release other than those measured. `release` is jaxlib's (major,
     minor), read from jaxlib when not given. Returns whether the flag was added."""
-    if os.environ.get("CALIBRATE_XLA_FLAGS", "").strip().lower() == "off":
+    setting = os.environ.get("CALIBRATE_XLA_FLAGS", "").strip().lower()
+    if setting == "off":
         return False
+    if setting not in ("", "on"):
+        warnings.warn(f"CALIBRATE_XLA_FLAGS={setting!r}: expected 'on' or 'off'; "
+                      "taking 'on'", stacklevel=2)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_use_fusion_emitters" in flags or xla_bridge.backends_are_initialized():
         return False

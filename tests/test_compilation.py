@@ -79,7 +79,8 @@ print(json.dumps({"flags": flags, "value": value}))
 """
 
 
-@pytest.mark.parametrize("case", ["default", "user_flag", "off", "backend_running"])
+@pytest.mark.parametrize("case", ["default", "user_flag", "off", "backend_running",
+                                  "unknown_setting"])
 def test_import_prefers_the_faster_compiling_cpu_emitters_where_the_user_allows(case):
     from calibrate._compilation import CPU_EMITTER_FLAG, flag_is_known
 
@@ -91,6 +92,9 @@ def test_import_prefers_the_faster_compiling_cpu_emitters_where_the_user_allows(
         "off": ({"CALIBRATE_XLA_FLAGS": "off"}, "", ""),
         # Flags set after XLA has read them would do nothing.
         "backend_running": ({}, "jnp.ones(2).block_until_ready()", ""),
+        # A value other than on/off is named in a warning and taken as on.
+        "unknown_setting": ({"CALIBRATE_XLA_FLAGS": "fast"}, "",
+                            CPU_EMITTER_FLAG if flag_is_known() else ""),
     }[case]
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("XLA_FLAGS", "CALIBRATE_XLA_FLAGS")}
@@ -100,6 +104,8 @@ def test_import_prefers_the_faster_compiling_cpu_emitters_where_the_user_allows(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["flags"] == expected
+    warned = "CALIBRATE_XLA_FLAGS='fast': expected 'on' or 'off'" in done.stderr
+    assert warned == (case == "unknown_setting"), done.stderr
     assert report["value"] == pytest.approx(3.0 * sum(math.sin(k) for k in range(4)),
                                             rel=1e-14)
 
