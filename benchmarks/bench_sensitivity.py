@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS_sensitivity.md")
-    parser.add_argument("--estimated", default="4,8,16,32,65",
+    parser.add_argument("--estimated", default="4,8,16,24,32,48,65",
                         help="numbers of estimated parameters of the 16-tier chain")
     parser.add_argument("--tiers", default="2,4,8,16,32",
                         help="chain lengths, every parameter estimated")
-    parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

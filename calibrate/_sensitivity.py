@@ -247,10 +247,10 @@ class DirectDifferentiation(AbstractSensitivity):
 
 # Where the discrete adjoint's gradient overtakes forward sensitivities, measured by
 # `benchmarks/bench_sensitivity.py` (RESULTS_sensitivity.md) on a 2-core CPU: batched
-# lanes broke even at 33 parameters (8 states) and about 49 (16 states), one lane at
-# about 115.
+# lanes broke even at about 40 parameters (forward still faster at 33 with 8 states,
+# the adjoint at 49 with 12), one lane at about 65 (the adjoint faster from 81).
 MAX_FORWARD_PARAMETERS = 40
-MAX_FORWARD_PARAMETERS_SINGLE = 100
+MAX_FORWARD_PARAMETERS_SINGLE = 64
 
 
 class Automatic(AbstractSensitivity):
@@ -270,8 +270,8 @@ class Automatic(AbstractSensitivity):
 
     The limits come from `benchmarks/bench_sensitivity.py` on a 2-core CPU: batched
     lanes (multistart fits, populations) make forward tangents dearer, so the adjoint
-    pays from about 40 parameters there and only from about 100 for a single lane.
-    It compiles 2–2.5 times longer than forward sensitivities.
+    pays from about 40 parameters there and only from about 64 for a single lane.
+    It compiles 2–3 times longer than forward sensitivities.
     Fitting functions resolve the choice once they know the parameters and the
     optimiser (`for_gradient`, `for_jacobian`) and report the strategy they used;
     used unresolved, it behaves as `forward`.
