@@ -8,7 +8,8 @@ would have taken and reaches the same result. A `fingerprint` of the problem (da
 settings) is stored with it; resuming a different problem is refused.
 
 Layout: one JSON line (metadata and the byte lengths of the parts), then the
-position and the optimiser state as equinox-serialised leaves.
+position, the optimiser state and any attachment (the population fit's warm-start
+records) as equinox-serialised leaves.
 """
 
 from __future__ import annotations
@@ -51,11 +52,23 @@ class Checkpoint:
         self.every = int(every)
         self.fingerprint = fingerprint
         self._extra: Callable[[], Mapping[str, Any]] | None = None
+        self._attached: Callable[[], Any] | None = None
+
+    def _copy(self) -> Checkpoint:
+        copy = Checkpoint(self.path, self.every, self.fingerprint)
+        copy._extra, copy._attached = self._extra, self._attached
+        return copy
 
     def with_meta(self, extra: Callable[[], Mapping[str, Any]]) -> Checkpoint:
         """A copy that adds `extra()` to the metadata of every save."""
-        copy = Checkpoint(self.path, self.every, self.fingerprint)
+        copy = self._copy()
         copy._extra = extra
+        return copy
+
+    def with_attachment(self, attached: Callable[[], Any]) -> Checkpoint:
+        """A copy that also saves the arrays `attached()` (read back by `attachment`)."""
+        copy = self._copy()
+        copy._attached = attached
         return copy
 
     def due(self, step: int) -> bool:
@@ -63,6 +76,8 @@ class Checkpoint:
 
     def save(self, step: int, position, optimiser_state, meta: Mapping[str, Any]) -> None:
         blobs = [_serialise(position), _serialise(optimiser_state)]
+        if self._attached is not None:
+            blobs.append(_serialise(self._attached()))
         extra = dict(self._extra()) if self._extra is not None else {}
         header = {"format": "calibrate-checkpoint-1", "fingerprint": self.fingerprint,
                   "step": int(step), "sizes": [len(b) for b in blobs],
@@ -94,10 +109,21 @@ class Checkpoint:
         """The metadata (step, history, ...) of the saved checkpoint."""
         return self._read()[0]
 
-    def position(self, template):
+    def _part(self, index: int, template):
         header, rest = self._read()
-        return eqx.tree_deserialise_leaves(io.BytesIO(rest[: header["sizes"][0]]), template)
+        sizes = header["sizes"]
+        if index >= len(sizes):
+            return None
+        start = sum(sizes[:index])
+        return eqx.tree_deserialise_leaves(
+            io.BytesIO(rest[start: start + sizes[index]]), template)
+
+    def position(self, template):
+        return self._part(0, template)
 
     def optimiser_state(self, template):
-        header, rest = self._read()
-        return eqx.tree_deserialise_leaves(io.BytesIO(rest[header["sizes"][0]:]), template)
+        return self._part(1, template)
+
+    def attachment(self, template):
+        """What `with_attachment` saved, shaped like `template`; None if nothing was."""
+        return self._part(2, template)

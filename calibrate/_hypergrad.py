@@ -363,6 +363,9 @@ class Hypergradient(eqx.Module):
     - `inner_steps`: steps of the inner solve (for `Unrolled`: $K$).
     - `optimiser_gradient`: for `Unrolled`, $dF/d$(optimiser hyperparameters), shaped
       like the optimiser; else None.
+    - `solution_jacobian`: for `Implicit(solution_jacobian=True)`, how the inner
+      solution moves with $\theta$, $dp^*/d\theta = -H^{-1}\nabla^2_{p\theta}L_{\text{in}}$:
+      shaped like $\theta$ with a leading axis of length $n$; else None.
     """
 
     value: Theta
@@ -377,6 +380,7 @@ class Hypergradient(eqx.Module):
     kinks: Bool[Array, " n"]
     inner_steps: Int[Array, ""]
     optimiser_gradient: Any = None
+    solution_jacobian: Any = None
 
     @property
     def successful(self) -> bool:
@@ -486,11 +490,16 @@ class Implicit(AbstractHypergradient):
       steps in a row (`NewtonStepTermination`), so a warm-started fit that is already
       stationary takes one to three steps, not the solver's step limit, and one that
       has reached the floor the ODE error sets stops there.
+    - `solution_jacobian`: also return $dp^*/d\theta = -H^{-1}\nabla^2_{p\theta}L_{\text{in}}$
+      ($n$ more linear solves with the same $H$), from which the next inner fit at
+      $\theta'$ can start at $p^* + (dp^*/d\theta)(\theta' - \theta)$ instead of $p^*$.
+      Population fits switch it on.
     """
 
     curvature: AbstractCurvature = ExactHessian()
     linear_solver: AbstractLinearSolve = DirectSolve()
     stationarity_tol: float = 1e-5
+    solution_jacobian: bool = eqx.field(static=True, default=False)
 
     def missing(self, sensitivity):
         return self.curvature.missing(sensitivity)
@@ -514,6 +523,12 @@ class Implicit(AbstractHypergradient):
         z, info = self.linear_solver.solve(lin, grad_p_outer)
         mixed = lin.mixed_vjp(z)
         value = jax.tree.map(lambda a, b: a - b, grad_theta_outer, mixed)
+        solution_jacobian = None
+        if self.solution_jacobian:
+            # Row i of dp*/dθ = −H⁻¹ ∇²_pθ L is −(∇²_pθ L)ᵀ H⁻¹ eᵢ, H being symmetric.
+            row = lambda e: jax.tree.map(
+                jnp.negative, lin.mixed_vjp(self.linear_solver.solve(lin, e)[0]))
+            solution_jacobian = jax.vmap(row)(jnp.eye(p.size, dtype=p.dtype))
 
         newton_step, _ = self.linear_solver.solve(lin, lin.gradient)
         stationarity = jnp.linalg.norm(newton_step)
@@ -543,6 +558,7 @@ class Implicit(AbstractHypergradient):
             spectral_radius=info.spectral_radius,
             kinks=kinks,
             inner_steps=jnp.asarray(0 if inner_steps is None else inner_steps),
+            solution_jacobian=solution_jacobian,
         )
 
 

@@ -88,6 +88,26 @@ def test_ridge_implicit_matches_closed_form(method):
     assert float(h.stationarity) < 1e-9
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        cal.Implicit(solution_jacobian=True),
+        cal.Implicit(curvature=cal.ForwardHessian(), linear_solver=cal.ConjugateGradient(),
+                     solution_jacobian=True),
+    ],
+    ids=["exact-direct", "forward-cg"],
+)
+def test_ridge_solution_jacobian_is_the_derivative_of_the_closed_form_solution(method):
+    x, y, _, _ = RIDGE_ARGS
+    solution = lambda theta: jnp.linalg.solve(x.T @ x + jnp.exp(theta) * jnp.eye(5), x.T @ y)
+    h = ridge(method, throw=True)
+    expected = jax.jacfwd(solution)(RIDGE_THETA)
+    assert h.solution_jacobian.shape == (5,)
+    assert float(jnp.linalg.norm(expected)) > 0.05
+    np.testing.assert_allclose(h.solution_jacobian, expected, rtol=1e-8, atol=1e-12)
+    assert ridge(cal.Implicit(), throw=True).solution_jacobian is None
+
+
 def test_ridge_gauss_newton_is_exact_only_without_the_dropped_term():
     # For residuals [Xw − y; e^{θ/2} w] Gauss–Newton's H = XᵀX + λI is exact but its
     # mixed term drops r·∂²r/∂w∂θ = ½λw, i.e. half of the exact mixed term λw.

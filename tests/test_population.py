@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import calibrate as cal
+from calibrate import _population
 from calibrate._compilation import compilation
 from helpers import relative_error
 
@@ -275,6 +276,44 @@ def test_laplace_hypergradient_agrees_with_finite_differences_and_unrolled():
                               setup.starts)
     unrolled_gradient = np.asarray(jax.flatten_util.ravel_pytree(unrolled.gradient)[0])
     assert relative_error(gradient, unrolled_gradient) < 1e-4
+
+
+def test_warm_starts_follow_theta_to_first_order_and_save_inner_steps():
+    """Between outer steps the inner solutions move as the implicit function theorem
+    says, u*(θ') ≈ u*(θ) + (du*/dθ)(θ' − θ); population fits start the next inner fits
+    there."""
+    data, _ = shared_q_data()
+    setup = cal.population_setup(MODEL, data, hierarchy=SHARED_Q, start=START,
+                                 integrator=INTEGRATOR)
+    theta = {"fixed": setup.theta["fixed"] + 0.4, "mean": jnp.array([0.3]),
+             "omega": jnp.log(jnp.array([0.4]))}
+    method = cal.Implicit(curvature=cal.ForwardHessian(), solution_jacobian=True)
+    starts = setup.converge_inner(method, theta, setup.starts)
+    warm = _population._WarmStarts(lambda th, s: setup.evaluate(method, th, s))
+    first = warm(theta, starts).hypergradients
+    solutions = _population._accepted_starts(first, starts)
+    moved = {**theta, "mean": theta["mean"] + 0.1, "omega": theta["omega"] - 0.1}
+    exact = setup.converge_inner(method, moved, solutions)
+    delta = jax.tree.map(lambda a, b: a - b, moved, theta)
+    predicted = _population._first_order_starts(
+        solutions, solutions, first.solution_jacobian, jnp.ones(N, bool), delta)
+    plain_error = np.linalg.norm(np.asarray(solutions - exact), axis=1)
+    predicted_error = np.linalg.norm(np.asarray(predicted - exact), axis=1)
+    assert np.median(plain_error) > 0.02  # θ moved far enough to matter
+    assert np.all(predicted_error < 0.1 * plain_error + 1e-6)
+
+    # Through the wrapper the optimisers call: same solutions, fewer steps.
+    plain = setup.evaluate(method, moved, solutions).hypergradients
+    predicted_fit = warm(moved, solutions).hypergradients
+    assert np.all(np.asarray(predicted_fit.stationary))
+    np.testing.assert_allclose(predicted_fit.inner_solution, plain.inner_solution,
+                               atol=1e-5)
+    assert int(jnp.sum(predicted_fit.inner_steps)) < int(jnp.sum(plain.inner_steps))
+    # Starts that are no recorded solution are left alone.
+    elsewhere = solutions + 0.01
+    assert np.array_equal(
+        _population._first_order_starts(elsewhere, solutions, first.solution_jacobian,
+                                        jnp.ones(N, bool), delta), elsewhere)
 
 
 def test_local_model_gives_the_hypergradient_of_the_solves_themselves():
