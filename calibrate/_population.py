@@ -1109,6 +1109,8 @@ def calibrate_population(
       random effects on their scale (default 0.3); `start_strength`: start penalty strength.
     - `constants`: values of the parameters with no role (default: their defaults).
     - `hypergradient`: outer-gradient strategy, checked against `sensitivity` now.
+      `Implicit` runs with `solution_jacobian=True`: each inner fit starts at its last
+      solution moved to first order in the change of θ.
     - `sensitivity`, `integrator`: derivatives and ODE solves of the inner problem
       (`integrator=None`: `Integrator()`, or the PEtab problem's own).
     - `inner_solver`, `inner_max_steps`: the per-individual MAP fit. Warm-started fits
