@@ -730,7 +730,7 @@ def bench_model(name, args, log):
             t1=jnp.maximum(times[-1], model.t0), dt0=integrator.dt0,
             y0=model.initial_state(params), args=(params, dict(inputs)),
             saveat=dfx.SaveAt(ts=times),
-            stepsize_controller=integrator.controller(_jump_times(inputs)),
+            stepsize_controller=integrator.controller(_jump_times(model, params, inputs)),
             max_steps=integrator.max_steps, throw=False,
         )
         return sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]
