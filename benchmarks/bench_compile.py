@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 
 from bench_petab import (
-    answer_parent,
-    leave_the_device_to_children,
     measure_in_child,
     median_seconds,
+    parent_arguments,
     run_header,
     seconds,
 )
@@ -171,12 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="each case this many times per flag setting, alternating")
     parser.add_argument("--population", type=int, default=100,
                         help="individuals of the population fit (0 skips it)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        answer_parent(args, measure)
+    args = parent_arguments(parser, argv, measure)
+    if args is None:
         return
-    leave_the_device_to_children()
     import jax
 
     jax.config.update("jax_enable_x64", True)

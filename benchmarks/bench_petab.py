@@ -181,6 +181,20 @@ def answer_parent(args, measure) -> None:
                                                  repeats=args.repeats)))
 
 
+def parent_arguments(parser, argv: list[str], measure):
+    """`argv` parsed by `parser` (which must define `--out` and `--repeats`) plus the
+    hidden `--child` that `measure_in_child` passes. In a child: answers the parent
+    with `measure` and returns None. In the parent: leaves the device to the children
+    and returns the arguments."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        answer_parent(args, measure)
+        return None
+    leave_the_device_to_children()
+    return args
+
+
 def json_from_process(command: list[str], env: dict | None = None) -> dict:
     """Runs `command --out FILE` and returns the JSON it wrote to FILE."""
     with tempfile.TemporaryDirectory(prefix="calibrate_bench_") as folder:

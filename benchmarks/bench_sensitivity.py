@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 from bench_petab import (
-    answer_parent,
-    leave_the_device_to_children,
     measure_in_child,
     median_seconds,
+    parent_arguments,
     run_header,
     seconds,
 )
@@ -129,12 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="chain lengths, every parameter estimated")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        answer_parent(args, measure)
+    args = parent_arguments(parser, argv, measure)
+    if args is None:
         return
-    leave_the_device_to_children()
     from calibrate._io import write_text_atomic
 
     started = time.perf_counter()
