@@ -70,6 +70,15 @@ def default_chunk_size(n_individuals: int, *flops_per_matrix: int,
     return None if chunk >= n_individuals else chunk
 
 
+def lanes_per_map(n_individuals: int, chunk_size: int | None,
+                  lanes_per_individual: int = 1) -> int:
+    """The lanes one `vmap` of `map_individuals` runs together: an equal share of the
+    individuals per device, at most `chunk_size` of them, times each individual's
+    own lanes (starts, simulation conditions)."""
+    share = -(-n_individuals // len(individual_devices()))
+    return max(1, lanes_per_individual) * min(share, chunk_size or share)
+
+
 def map_individuals(fn: Callable, args: Sequence, in_axes: Sequence[int | None],
                     chunk_size: int | None):
     """`jax.vmap(fn, in_axes)(*args)`, or with `chunk_size` the same computed

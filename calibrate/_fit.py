@@ -21,7 +21,12 @@ import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 from scipy.stats import qmc
 
-from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
+from ._batching import (
+    default_chunk_size,
+    fit_kernel_flops,
+    lanes_per_map,
+    map_individuals,
+)
 from ._data import Dataset, Measurements
 from ._model import AbstractODEModel
 from ._objective import Objective
@@ -171,8 +176,8 @@ def solve_optimum(solver, x0, args, *, sensitivity: AbstractSensitivity, max_ste
 
 
 def _optimised(objective: Objective, solver, lanes: int) -> Objective:
-    """`objective` with the sensitivity `solver`'s derivatives in `lanes` batched fits
-    are taken by."""
+    """`objective` with the sensitivity `solver`'s derivatives are taken by, in fits of
+    which `lanes` run together in one `vmap`."""
     return for_optimiser(objective, objective.n_parameters,
                          gradients=isinstance(solver, optx.AbstractMinimiser), lanes=lanes)
 
@@ -312,7 +317,8 @@ def fit(
         n, *fit_kernel_flops(len(model.states), rows, len(space.estimated),
                              objective.integrator.tangent_solves()),
         lanes_per_individual=z0.shape[0])
-    optimised = _optimised(objective, solver, lanes=z0s.shape[0] * z0s.shape[1])
+    optimised = _optimised(objective, solver,
+                           lanes=lanes_per_map(n, chunk_size, z0.shape[0]))
     z, loss, grad_norm, se, steps, result, losses = _fit_batch(
         objective, optimised, solver, z0s, data.measurements, inputs, max_steps, chunk_size
     )

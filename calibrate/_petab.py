@@ -426,7 +426,8 @@ class PEtabProblem(eqx.Module):
         problem = self if sensitivity is None else eqx.tree_at(
             lambda p: p.sensitivity, self, sensitivity
         )
-        problem = for_optimiser(problem, len(self.estimated_ids), gradients=True)
+        problem = for_optimiser(problem, len(self.estimated_ids), gradients=True,
+                                lanes=len(self.condition_ids))
         return problem.sensitivity.value_and_grad(
             lambda z: problem.negative_log_likelihood(z), jnp.asarray(x, dtype=float)
         )

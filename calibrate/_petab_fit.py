@@ -23,7 +23,12 @@ import optimistix as optx
 import pandas as pd
 from jaxtyping import Array, Float, Int
 
-from ._batching import default_chunk_size, fit_kernel_flops, map_individuals
+from ._batching import (
+    default_chunk_size,
+    fit_kernel_flops,
+    lanes_per_map,
+    map_individuals,
+)
 from ._compilation import compilation
 from ._fit import AbstractStarts, SobolStarts, solve_optimum
 from ._petab import PEtabProblem
@@ -153,7 +158,9 @@ def fit_petab(
                           problem.integrator.tangent_solves()),
         lanes_per_individual=len(problem.condition_ids),
     )
-    problem = for_optimiser(problem, n_p, lanes=n_starts,
+    problem = for_optimiser(problem, n_p,
+                            lanes=lanes_per_map(n_starts, chunk_size,
+                                                len(problem.condition_ids)),
                             gradients=isinstance(solver, optx.AbstractMinimiser))
     started = time.perf_counter()
     # One compiled function per problem shape, reused by later calls.

@@ -246,11 +246,26 @@ class DirectDifferentiation(AbstractSensitivity):
 
 
 # Where the discrete adjoint's gradient overtakes forward sensitivities, measured by
-# `benchmarks/bench_sensitivity.py` (RESULTS_sensitivity.md) on a 2-core CPU: batched
-# lanes broke even at about 40 parameters (forward still faster at 33 with 8 states,
-# the adjoint at 49 with 12), one lane at about 65 (the adjoint faster from 81).
-MAX_FORWARD_PARAMETERS = 40
-MAX_FORWARD_PARAMETERS_SINGLE = 64
+# `benchmarks/bench_sensitivity.py` (RESULTS_sensitivity.md) on a 2-core CPU, as
+# (lanes vmapped together, from this many on; most parameters taken forward): one lane
+# breaks even at about 65 parameters, 8 lanes at about 40, 32 lanes between 17 and 40
+# and 128 lanes between 10 and 35 (by model), where forward tangents of many lanes
+# outgrow the caches while the adjoint's fixed cost per step is shared; 16 is the limit
+# whose worst wrong pick there costs least. `bench_core.py` measured the adjoint faster
+# from 3 parameters at 1,000 lanes.
+MAX_FORWARD_PARAMETERS: tuple[tuple[int, int], ...] = (
+    (1, 64), (2, 40), (128, 16), (1000, 2))
+
+
+def _forward_limits(max_forward) -> tuple[tuple[int, int], ...]:
+    """`max_forward` as ((lanes from, limit), ...) sorted by lanes, from one lane on."""
+    if isinstance(max_forward, int):
+        return ((1, max_forward),)
+    limits = tuple(sorted((int(lanes), int(limit)) for lanes, limit in max_forward))
+    if not limits or limits[0][0] != 1:
+        raise ValueError(f"Automatic(max_forward=...) must give a limit from one lane on, "
+                         f"as ((1, limit), (lanes, limit), ...); got {max_forward!r}")
+    return limits
 
 
 class Automatic(AbstractSensitivity):
@@ -263,24 +278,27 @@ class Automatic(AbstractSensitivity):
 
     | derivative | chosen |
     |---|---|
-    | gradient of a scalar (minimisers such as BFGS) w.r.t. at most `max_forward` parameters (`max_forward_single` for a single lane) | `forward` |
+    | gradient of a scalar (minimisers such as BFGS) w.r.t. at most the `max_forward` limit of parameters for the number of lanes | `forward` |
     | gradient of a scalar w.r.t. more parameters | `reverse` |
     | Jacobian of residuals (least squares) | `forward`: a reverse Jacobian costs one adjoint sweep per residual |
     | second order (Laplace objectives, implicit hypergradients) | `forward`: forward-over-forward is the order the adjoints do not survive |
 
-    The limits come from `benchmarks/bench_sensitivity.py` on a 2-core CPU: batched
-    lanes (multistart fits, populations) make forward tangents dearer, so the adjoint
-    pays from about 40 parameters there and only from about 64 for a single lane.
-    It compiles 2–3 times longer than forward sensitivities.
-    Fitting functions resolve the choice once they know the parameters and the
-    optimiser (`for_gradient`, `for_jacobian`) and report the strategy they used;
-    used unresolved, it behaves as `forward`.
+    `max_forward` is an int (one limit) or ((lanes, limit), ...): from `lanes` lanes
+    vmapped together (the starts and individuals of one chunk on one device) on,
+    gradients w.r.t. at most `limit` parameters are taken forward. The default,
+    from `benchmarks/bench_sensitivity.py` on a 2-core CPU, is 64 for one lane, 40
+    from 2 lanes, 16 from 128 and 2 from 1,000: wide batches make forward tangents
+    dearer (they outgrow the caches) and share the adjoint's fixed cost per step.
+    The adjoint compiles 2–3 times longer than forward sensitivities.
+    Fitting functions resolve the choice once they know the parameters, the lanes
+    and the optimiser (`for_gradient`, `for_jacobian`) and report the strategy they
+    used; used unresolved, it behaves as `forward`.
     """
 
     forward: AbstractSensitivity = ForwardMode()
     reverse: AbstractSensitivity = DiscreteAdjoint()
-    max_forward: int = eqx.field(static=True, default=MAX_FORWARD_PARAMETERS)
-    max_forward_single: int = eqx.field(static=True, default=MAX_FORWARD_PARAMETERS_SINGLE)
+    max_forward: tuple[tuple[int, int], ...] = eqx.field(
+        static=True, default=MAX_FORWARD_PARAMETERS, converter=_forward_limits)
     second_order: ClassVar[frozenset[str]] = ForwardMode.second_order
 
     def __check_init__(self):
@@ -288,9 +306,12 @@ class Automatic(AbstractSensitivity):
             raise ValueError(f"Automatic(forward=...) must take forward-mode derivatives; "
                              f"{type(self.forward).__name__} is {self.forward.mode}-mode")
 
+    def forward_limit(self, lanes: int = 1) -> int:
+        """The most parameters whose gradient is taken forward in `lanes` lanes."""
+        return [limit for start, limit in self.max_forward if start <= max(lanes, 1)][-1]
+
     def for_gradient(self, n_parameters: int, lanes: int = 1) -> AbstractSensitivity:
-        limit = self.max_forward if lanes > 1 else self.max_forward_single
-        return self.reverse if n_parameters > limit else self.forward
+        return self.reverse if n_parameters > self.forward_limit(lanes) else self.forward
 
     def for_jacobian(self) -> AbstractSensitivity:
         return self.forward

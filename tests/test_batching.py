@@ -10,6 +10,7 @@ import calibrate as cal
 from calibrate._batching import (
     LAPACK_SERIAL_WORK,
     default_chunk_size,
+    lanes_per_map,
     map_individuals,
     safe_chunk_size,
 )
@@ -25,6 +26,22 @@ def test_safe_chunk_keeps_every_kernel_below_jaxlibs_threshold():
     assert safe_chunk_size(10, 729, 50) == safe_chunk_size(729)  # the worst kernel rules
     assert default_chunk_size(100, 729) is None  # 100 × 729 flops: one batch is safe
     assert default_chunk_size(1000, 729) == 274
+
+
+def test_lanes_per_map_count_what_one_vmap_runs_together(monkeypatch):
+    """What `Automatic` picks by: an equal share per device, at most a chunk of it,
+    times each individual's starts or conditions."""
+    from calibrate import _batching
+
+    monkeypatch.setattr(_batching, "individual_devices", lambda: [None])
+    assert lanes_per_map(100, None) == 100
+    assert lanes_per_map(100, 8, lanes_per_individual=3) == 24
+    assert lanes_per_map(5, 8, lanes_per_individual=2) == 10
+    monkeypatch.setattr(_batching, "individual_devices", lambda: [None] * 4)
+    assert lanes_per_map(1000, None) == 250
+    assert lanes_per_map(1001, None) == 251
+    assert lanes_per_map(1000, 64, lanes_per_individual=2) == 128
+    assert lanes_per_map(3, None) == 1
 
 
 @pytest.mark.parametrize("chunk", [None, 3, 4, 10])

@@ -11,6 +11,7 @@ import optimistix as optx
 import pytest
 
 import calibrate as cal
+from calibrate._batching import lanes_per_map
 
 
 def _start(module, factor=2.0):
@@ -131,14 +132,18 @@ class TracedAdjoint(cal.DiscreteAdjoint):
 
 
 @pytest.mark.parametrize("sensitivity, used", [
-    (cal.ForwardMode(), "ForwardMode"),
-    # Two parameters, more than this rule's `max_forward`: the adjoint takes BFGS's
-    # gradients.
-    (cal.Automatic(max_forward=1, reverse=TracedAdjoint()), "TracedAdjoint"),
-], ids=["forward", "automatic_adjoint"])
+    (lambda lanes: cal.ForwardMode(), "ForwardMode"),
+    # Two parameters, more than this rule's limit for the lanes the fit runs together:
+    # the adjoint takes BFGS's gradients; from one lane more on, forward.
+    (lambda lanes: cal.Automatic(max_forward=((1, 2), (lanes, 1)), reverse=TracedAdjoint()),
+     "TracedAdjoint"),
+    (lambda lanes: cal.Automatic(max_forward=((1, 2), (lanes + 1, 1)),
+                                 reverse=TracedAdjoint()), "ForwardMode"),
+], ids=["forward", "automatic_adjoint", "automatic_forward"])
 def test_bfgs_on_the_likelihood_agrees_with_levenberg_marquardt(sensitivity, used):
     model, data, lm = zoo_fit("reference")
     assert lm.sensitivity == "ForwardMode"  # the default rule's Jacobians
+    sensitivity = sensitivity(lanes_per_map(len(data), None))
     _ADJOINT_SOLVES.clear()
     bfgs = cal.fit(
         model, data, start=_start(cal.zoo_module("reference")),

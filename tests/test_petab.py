@@ -298,8 +298,7 @@ def test_automatic_fits_a_problem_with_many_parameters_by_the_adjoint():
     sensitivities for 8 parameters."""
     reference = REFERENCE["Bertozzi_PNAS2020"]
     path = DATA / reference["yaml"]
-    problem = cal.load_petab(path, sensitivity=cal.Automatic(max_forward=4,
-                                                             max_forward_single=4))
+    problem = cal.load_petab(path, sensitivity=cal.Automatic(max_forward=4))
     assert type(cal.load_petab(path).sensitivity.for_gradient(8, 4)) is cal.ForwardMode
     perturbed = reference["perturbed"]
     _, gradient = _value_and_gradient(problem, jnp.asarray(

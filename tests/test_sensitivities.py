@@ -148,11 +148,20 @@ def test_materialised_jacobian_linearises_to_the_forward_jacobian():
 
 def test_automatic_takes_gradients_by_the_adjoint_only_beyond_max_forward():
     rule = cal.Automatic()
-    for lanes, limit in ((8, rule.max_forward), (1, rule.max_forward_single)):
+    for lanes in (1, 2, 8, 127, 128, 999, 1000, 5000):
+        limit = rule.forward_limit(lanes)
         assert type(rule.for_gradient(limit, lanes)) is cal.ForwardMode
         assert type(rule.for_gradient(limit + 1, lanes)) is cal.DiscreteAdjoint
-    # Batched lanes make forward tangents dearer (benchmarks/RESULTS_sensitivity.md).
-    assert rule.max_forward < rule.max_forward_single
+    # Wider batches make forward tangents dearer (benchmarks/RESULTS_sensitivity.md).
+    limits = [rule.forward_limit(lanes) for lanes in (1, 8, 128, 1000)]
+    assert limits == sorted(limits, reverse=True) and len(set(limits)) == 4
+    assert rule.forward_limit(127) == rule.forward_limit(2)
+    # One number is one limit for every width; tiers must start at one lane.
+    assert {cal.Automatic(max_forward=5).forward_limit(n) for n in (1, 10, 10**4)} == {5}
+    tiers = cal.Automatic(max_forward=[(100, 3), (1, 9)])
+    assert (tiers.forward_limit(99), tiers.forward_limit(100)) == (9, 3)
+    with pytest.raises(ValueError, match="from one lane on"):
+        cal.Automatic(max_forward=((8, 3),))
     # Jacobians and anything unresolved stay forward: the adjoints survive no second
     # order, and a reverse Jacobian costs a sweep per residual.
     assert type(rule.for_jacobian()) is cal.ForwardMode
@@ -177,7 +186,7 @@ def test_signalling_chain_gradients_agree_with_finite_differences():
     nll = lambda o: lambda z: o.negative_log_likelihood(z, data)[0]
     expected = central_difference_gradient(jax.jit(nll(objective)), z)
     assert np.linalg.norm(expected) > 1.0
-    rule = cal.Automatic(max_forward_single=8)
+    rule = cal.Automatic(max_forward=8)
     for sensitivity in (rule.for_gradient(8), rule.for_gradient(9)):
         chosen = cal.Objective(model, integrator=INTEGRATOR, sensitivity=sensitivity)
         _, grad = jax.jit(lambda z, o=chosen: o.sensitivity.value_and_grad(nll(o), z))(z)
