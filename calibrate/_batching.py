@@ -49,14 +49,19 @@ def safe_chunk_size(*flops_per_matrix: int, lanes_per_individual: int = 1) -> in
 
 
 def fit_kernel_flops(n_states: int, n_residuals: int, n_unknowns: int,
-                     tangent_solves: bool = True) -> tuple[int, ...]:
+                     tangent_solves: bool = True, least_squares: bool = True
+                     ) -> tuple[int, ...]:
     """Flops per matrix (as jaxlib counts them) of the batched LAPACK kernels in a fit
-    of one lane: the stiff solver's $n\\times n$ LU or inverse, the least-squares QR
-    of the residual Jacobian ($m \\times n_u$) and, with `tangent_solves` (an
-    implicit solver's Newton solves; not `Rodas5`, whose forward tangents are
-    products with its explicit inverse), the forward-sensitivity triangular solves
-    with one right-hand side per unknown."""
-    flops = (n_states**3, 2 * n_residuals * n_unknowns**2)
+    of one lane: the stiff solver's $n\\times n$ LU or inverse; with `least_squares`
+    the QR of the residual Jacobian ($m \\times n_u$), else a minimiser's
+    $n_u \\times n_u$ solve (BFGS without its inverse, Newton steps); and, with
+    `tangent_solves` (an implicit solver's Newton solves; not `Rodas5`, whose forward
+    tangents are products with its explicit inverse), the forward-sensitivity
+    triangular solves with one right-hand side per unknown. The diagnostics'
+    symmetric eigendecomposition does not count: two loops of 400 batched 33 × 33
+    ones ran where two such batched solves hang."""
+    step = 2 * n_residuals * n_unknowns**2 if least_squares else n_unknowns**3
+    flops = (n_states**3, step)
     return (*flops, n_states**2 * (n_unknowns + 1)) if tangent_solves else flops
 
 

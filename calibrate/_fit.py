@@ -315,7 +315,8 @@ def fit(
     rows = 2 * int(np.prod(data.measurements.values.shape[1:]))
     chunk_size = default_chunk_size(
         n, *fit_kernel_flops(len(model.states), rows, len(space.estimated),
-                             objective.integrator.tangent_solves()),
+                             objective.integrator.tangent_solves(),
+                             least_squares=not isinstance(solver, optx.AbstractMinimiser)),
         lanes_per_individual=z0.shape[0])
     optimised = _optimised(objective, solver,
                            lanes=lanes_per_map(n, chunk_size, z0.shape[0]))

@@ -155,7 +155,8 @@ def fit_petab(
     chunk_size = default_chunk_size(
         n_starts,
         *fit_kernel_flops(len(problem.model.states), 2 * problem.n_measurements, n_p,
-                          problem.integrator.tangent_solves()),
+                          problem.integrator.tangent_solves(),
+                          least_squares=not isinstance(solver, optx.AbstractMinimiser)),
         lanes_per_individual=len(problem.condition_ids),
     )
     problem = for_optimiser(problem, n_p,

@@ -10,6 +10,7 @@ import calibrate as cal
 from calibrate._batching import (
     LAPACK_SERIAL_WORK,
     default_chunk_size,
+    fit_kernel_flops,
     lanes_per_map,
     map_individuals,
     safe_chunk_size,
@@ -26,6 +27,12 @@ def test_safe_chunk_keeps_every_kernel_below_jaxlibs_threshold():
     assert safe_chunk_size(10, 729, 50) == safe_chunk_size(729)  # the worst kernel rules
     assert default_chunk_size(100, 729) is None  # 100 × 729 flops: one batch is safe
     assert default_chunk_size(1000, 729) == 274
+    # A minimiser runs no least-squares QR: the 4-tier chain's 17 unknowns and 192
+    # residuals allow one lane per chunk under Levenberg–Marquardt, 40 under BFGS.
+    assert fit_kernel_flops(4, 192, 17, tangent_solves=False) == (64, 2 * 192 * 17**2)
+    assert fit_kernel_flops(4, 192, 17, False, least_squares=False) == (64, 17**3)
+    assert safe_chunk_size(*fit_kernel_flops(4, 192, 17, False)) == 1
+    assert safe_chunk_size(*fit_kernel_flops(4, 192, 17, False, least_squares=False)) == 40
 
 
 def test_lanes_per_map_count_what_one_vmap_runs_together(monkeypatch):
