@@ -152,17 +152,18 @@ def fit_petab(
         raise ValueError(f"{problem.source}: multistart fits need finite bounds")
     z0s = jnp.asarray(starts.points(space, seed))
     n_starts, n_p = z0s.shape
+    minimiser = isinstance(solver, optx.AbstractMinimiser)
     chunk_size = default_chunk_size(
         n_starts,
         *fit_kernel_flops(len(problem.model.states), 2 * problem.n_measurements, n_p,
                           problem.integrator.tangent_solves(),
-                          least_squares=not isinstance(solver, optx.AbstractMinimiser)),
+                          least_squares=not minimiser),
         lanes_per_individual=len(problem.condition_ids),
     )
     problem = for_optimiser(problem, n_p,
                             lanes=lanes_per_map(n_starts, chunk_size,
                                                 len(problem.condition_ids)),
-                            gradients=isinstance(solver, optx.AbstractMinimiser))
+                            gradients=minimiser)
     started = time.perf_counter()
     # One compiled function per problem shape, reused by later calls.
     with compilation() as compiling:

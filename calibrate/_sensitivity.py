@@ -19,6 +19,7 @@ solver tolerance.
 from __future__ import annotations
 
 import abc
+import numbers
 from typing import ClassVar, Literal
 
 import diffrax as dfx
@@ -257,14 +258,26 @@ MAX_FORWARD_PARAMETERS: tuple[tuple[int, int], ...] = (
     (1, 64), (2, 40), (128, 16), (1000, 2))
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _forward_limits(max_forward) -> tuple[tuple[int, int], ...]:
     """`max_forward` as ((lanes from, limit), ...) sorted by lanes, from one lane on."""
-    if isinstance(max_forward, int):
-        return ((1, max_forward),)
-    limits = tuple(sorted((int(lanes), int(limit)) for lanes, limit in max_forward))
-    if not limits or limits[0][0] != 1:
-        raise ValueError(f"Automatic(max_forward=...) must give a limit from one lane on, "
-                         f"as ((1, limit), (lanes, limit), ...); got {max_forward!r}")
+    if _whole(max_forward):
+        return ((1, int(max_forward)),)
+    usage = ("Automatic(max_forward=...) takes an int or ((1, limit), (lanes, limit), "
+             f"...) with whole numbers and distinct lanes from one on; got {max_forward!r}")
+    try:
+        pairs = [tuple(pair) for pair in max_forward]
+    except TypeError:
+        raise TypeError(usage) from None
+    if not all(len(pair) == 2 and all(map(_whole, pair)) for pair in pairs):
+        raise TypeError(usage)
+    limits = tuple(sorted((int(start), int(limit)) for start, limit in pairs))
+    lanes = [start for start, _ in limits]
+    if not limits or lanes[0] != 1 or len(set(lanes)) != len(lanes):
+        raise ValueError(usage)
     return limits
 
 

@@ -160,8 +160,12 @@ def test_automatic_takes_gradients_by_the_adjoint_only_beyond_max_forward():
     assert {cal.Automatic(max_forward=5).forward_limit(n) for n in (1, 10, 10**4)} == {5}
     tiers = cal.Automatic(max_forward=[(100, 3), (1, 9)])
     assert (tiers.forward_limit(99), tiers.forward_limit(100)) == (9, 3)
-    with pytest.raises(ValueError, match="from one lane on"):
-        cal.Automatic(max_forward=((8, 3),))
+    for bad in (((8, 3),), (), ((1, 3), (1, 5))):
+        with pytest.raises(ValueError, match="max_forward.*from one on"):
+            cal.Automatic(max_forward=bad)
+    for bad in (4.5, ((1, 3, 5),), ((1, 2.5),), "40"):
+        with pytest.raises(TypeError, match="max_forward"):
+            cal.Automatic(max_forward=bad)
     # Jacobians and anything unresolved stay forward: the adjoints survive no second
     # order, and a reverse Jacobian costs a sweep per residual.
     assert type(rule.for_jacobian()) is cal.ForwardMode
